@@ -1,0 +1,263 @@
+"""DetailSemNet for offline signature verification: the siamese wrapper and checkpoint loading.
+
+``ViT_for_OSV_DSNet`` compares a reference and a query signature::
+
+    distance = global_distance + temp * structural_distance
+
+The global distance compares the mean of the backbone's final-norm tokens;
+the structural distance is an entropic EMD between the ink-holding stage-4
+tokens of the two images, projected by ``head_str``. Smaller is more likely
+genuine. The state dict is the authors' (445 keys), so their checkpoints load
+with ``strict=True``.
+
+The forward pass is split into ``embed`` (the backbone, per image) and
+``compare`` (everything after it, per pair) so that a frozen backbone's
+features can be computed once per image and reused for every pair.
+"""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import trunc_normal_
+
+from models.dsnet import DSNet
+from models.emd import pairwise_cost, sinkhorn_emd
+from module.loss import ContrastiveLoss
+
+__all__ = [
+    "ViT_for_OSV_DSNet",
+    "TokenFeatures",
+    "CheckpointMismatchError",
+    "load_pretrained",
+    "read_model_options",
+    "MODEL_DEFAULTS",
+]
+
+MODEL_DEFAULTS: dict[str, Any] = {"emd": True, "dis_type": "cos", "mar_type": "uniform", "gol_dis": "l2", "temp": 1.0}
+SINKHORN_EPS_TRAIN = 5e-2
+SINKHORN_EPS_EVAL = 5e-8
+# A token is kept when its area-averaged ink is this far above the image's minimum.
+KEPT_TOKEN_MARGIN = 1e-5
+
+
+def read_model_options(opt: Any = None) -> dict[str, Any]:
+    """The model options from an argparse Namespace, a dict, a dataclass or ``None``.
+
+    Missing options take ``MODEL_DEFAULTS``; unknown values raise ``ValueError``.
+    """
+    if opt is None:
+        opt = {}
+    if isinstance(opt, Mapping):
+        options = {name: opt.get(name, default) for name, default in MODEL_DEFAULTS.items()}
+    else:
+        options = {name: getattr(opt, name, default) for name, default in MODEL_DEFAULTS.items()}
+    options["emd"] = bool(options["emd"])
+    options["temp"] = float(options["temp"])
+    if options["dis_type"] not in ("cos", "l2"):
+        raise ValueError(f"dis_type must be 'cos' or 'l2', got {options['dis_type']!r}")
+    if options["gol_dis"] not in ("cos", "l2"):
+        raise ValueError(f"gol_dis must be 'cos' or 'l2', got {options['gol_dis']!r}")
+    if options["mar_type"] != "uniform":
+        raise ValueError(
+            f"mar_type {options['mar_type']!r} is not supported: only 'uniform' marginals are. "
+            "The original 'different'/'uniform_v2' marginals weigh 14x14 pixel patches against at most "
+            "49 stage-4 tokens and fail with a shape error in the authors' code too."
+        )
+    return options
+
+
+class TokenFeatures(NamedTuple):
+    """What the backbone gives for a batch of images.
+
+    Attributes:
+        tokens: ``[B, N, 384]`` stage-4 tokens before the final norm,
+            ``N = (H / 32) * (W / 32)`` in row-major order.
+        kept: ``[B, N]`` bool, the tokens whose cell holds ink.
+    """
+
+    tokens: torch.Tensor
+    kept: torch.Tensor
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TokenFeatures":
+        """Move to ``device``; ``dtype`` applies to ``tokens`` only."""
+        return TokenFeatures(self.tokens.to(device=device, dtype=dtype), self.kept.to(device=device))
+
+    def select(self, index: torch.Tensor | slice | int) -> "TokenFeatures":
+        """The features of the images at ``index`` (batch dimension)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return TokenFeatures(self.tokens[index], self.kept[index])
+
+
+class ViT_for_OSV_DSNet(nn.Module):  # noqa: N801 - the authors' public name
+    """Siamese DetailSemNet.
+
+    Args:
+        opt: options as an argparse Namespace, dict or dataclass (see
+            ``read_model_options``): ``emd`` (add the structural distance and
+            ``head_str``), ``dis_type`` (``cos``/``l2`` token cost for the
+            EMD), ``mar_type`` (``uniform``), ``gol_dis`` (``l2``/``cos``
+            global distance), ``temp`` (weight of the structural distance).
+
+    Input images are ``[B, 1, H, W]`` in ``[0, 1]`` with bright ink on black,
+    ``H`` and ``W`` multiples of 32 (224 for the authors' checkpoints).
+    """
+
+    def __init__(self, opt: Any = None) -> None:
+        super().__init__()
+        options = read_model_options(opt)
+        self.emd = options["emd"]
+        self.dis_type = options["dis_type"]
+        self.gol_dis = options["gol_dis"]
+        self.temp = options["temp"]
+        self.model = DSNet(in_chans=1)
+        if self.emd:
+            self.head_str = nn.Linear(self.model.num_features, 96)
+            trunc_normal_(self.head_str.weight, std=0.02)
+            nn.init.zeros_(self.head_str.bias)
+        self.loss_fn = ContrastiveLoss(margin=0.9, margin_1=0.3)
+        self.pdist = nn.PairwiseDistance(p=2, keepdim=True)
+
+    def embed(self, images: torch.Tensor) -> TokenFeatures:
+        """Backbone features of ``images [B, 1, H, W]``: tokens ``[B, N, 384]`` and kept mask ``[B, N]``."""
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"embed expects images of shape [B, 1, H, W], got {list(images.shape)}")
+        tokens = self.model.forward_features(images)
+        grid = (images.shape[-2] // 32, images.shape[-1] // 32)
+        ink = F.interpolate(images.float(), size=grid, mode="area").flatten(1)
+        kept = ink >= ink.amin(dim=1, keepdim=True) + KEPT_TOKEN_MARGIN
+        return TokenFeatures(tokens, kept)
+
+    def global_distance(self, ref: TokenFeatures, query: TokenFeatures) -> torch.Tensor:
+        """Distance ``[B, 1]`` between the mean final-norm tokens of each pair."""
+        ref_mean = self.model.norm(ref.tokens.float()).mean(dim=1)
+        query_mean = self.model.norm(query.tokens.float()).mean(dim=1)
+        if self.gol_dis == "l2":
+            return self.pdist(ref_mean, query_mean)
+        return 1 - F.cosine_similarity(ref_mean, query_mean, dim=1).unsqueeze(1)
+
+    def structural_distance(self, ref: TokenFeatures, query: TokenFeatures) -> torch.Tensor:
+        """EMD ``[B]`` between the kept tokens of each pair after ``head_str``; 0 where a side has none."""
+        ref_points = self.head_str(ref.tokens.float())
+        query_points = self.head_str(query.tokens.float())
+        cost = pairwise_cost(query_points, ref_points, self.dis_type)
+        eps = SINKHORN_EPS_TRAIN if self.training else SINKHORN_EPS_EVAL
+        return sinkhorn_emd(cost, query.kept, ref.kept, eps=eps)
+
+    def compare(self, ref: TokenFeatures, query: TokenFeatures) -> torch.Tensor:
+        """Distance ``[B, 1]`` between reference and query features (smaller = more likely genuine).
+
+        Runs in float32 outside autocast, whatever the features' dtype; the
+        Sinkhorn iterations run in float64.
+        """
+        with torch.autocast(device_type=ref.tokens.device.type, enabled=False):
+            distance = self.global_distance(ref, query)
+            if self.emd:
+                distance = distance + self.temp * self.structural_distance(ref, query).unsqueeze(1)
+        return distance
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x [B, 2, H, W]`` (reference, query), ``y [B, 1]`` (1 genuine) -> ``(distance [B, 1], loss)``.
+
+        ``loss`` is ``None`` when ``y`` is not given.
+        """
+        if x.dim() != 4 or x.shape[1] != 2:
+            raise ValueError(f"forward expects pairs of shape [B, 2, H, W], got {list(x.shape)}")
+        distance = self.compare(self.embed(x[:, 0:1]), self.embed(x[:, 1:2]))
+        loss = self.loss_fn(distance, y) if y is not None else None
+        return distance, loss
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's keys or shapes do not match the model."""
+
+
+_STATE_DICT_WRAPPERS = ("model_state_dict", "state_dict", "model")
+
+
+def _read_checkpoint(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} cannot be loaded with torch.load(weights_only=True): it holds pickled Python objects "
+            f"besides tensors ({str(error).splitlines()[0][:200]}). Loading it would run code stored in the file. "
+            "If you trust its source, re-save only its weights: "
+            "torch.save(torch.load(path, weights_only=False)['model_state_dict'], 'weights.pth')"
+        ) from error
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
+
+
+def _unwrap_state_dict(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
+    state = checkpoint
+    while isinstance(state, Mapping) and not all(isinstance(value, torch.Tensor) for value in state.values()):
+        wrapper = next((key for key in _STATE_DICT_WRAPPERS if isinstance(state.get(key), Mapping)), None)
+        if wrapper is None:
+            raise ValueError(
+                f"{source} holds no state dict: expected tensors, or one of the keys "
+                f"{', '.join(_STATE_DICT_WRAPPERS)}; found keys {sorted(map(str, state))[:8]}"
+            )
+        state = state[wrapper]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict")
+    prefix = "module."
+    if state and all(key.startswith(prefix) for key in state):
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return dict(state)
+
+
+def load_pretrained(model: nn.Module, path_or_state: str | Path | Mapping[str, Any], strict: bool = True) -> nn.Module:
+    """Load weights into ``model`` and return it.
+
+    Args:
+        model: the model to fill, usually ``ViT_for_OSV_DSNet``.
+        path_or_state: a checkpoint path (read with ``torch.load(weights_only=True)``)
+            or an already loaded object. A bare state dict, the wrappers
+            ``{'model_state_dict': ...}``, ``{'state_dict': ...}``, ``{'model': ...}``
+            and the ``module.`` prefix of DataParallel/DDP are accepted.
+        strict: require exactly the model's keys. With ``strict=False``
+            missing and unexpected keys are skipped; wrong shapes always fail.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is not a safe, readable checkpoint.
+        CheckpointMismatchError: keys or shapes differ (the message lists them).
+    """
+    source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "the given checkpoint"
+    checkpoint = _read_checkpoint(Path(path_or_state)) if isinstance(path_or_state, (str, Path)) else path_or_state
+    state = _unwrap_state_dict(checkpoint, source)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{key}: checkpoint {list(state[key].shape)}, model {list(expected[key].shape)}"
+        for key in set(expected) & set(state)
+        if tuple(state[key].shape) != tuple(expected[key].shape)
+    )
+    if wrong_shape or (strict and (missing or unexpected)):
+        def listing(title: str, items: list[str]) -> str:
+            shown = "\n    ".join(items[:10])
+            more = f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""
+            return f"\n  {title} ({len(items)}):\n    {shown}{more}" if items else ""
+
+        hint = ""
+        if any(key.startswith("head_str") for key in missing + unexpected):
+            hint = "\n  head_str differs: build the model with the same 'emd' option as the checkpoint."
+        raise CheckpointMismatchError(
+            f"{source} does not match {type(model).__name__}:"
+            + listing("missing keys", missing)
+            + listing("unexpected keys", unexpected)
+            + listing("wrong shapes", wrong_shape)
+            + hint
+        )
+    model.load_state_dict({key: value for key, value in state.items() if key in expected}, strict=strict)
+    return model

@@ -1,0 +1,4 @@
+"""The DSNet backbone of DetailSemNet."""
+from .dsnet import DSNet
+
+__all__ = ["DSNet"]
