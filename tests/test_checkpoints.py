@@ -1,0 +1,173 @@
+"""Checkpoints: atomic, weights_only-loadable, RNG states restored, corrupt files skipped, retention."""
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from module.scheduler import GradualWarmupScheduler
+from training_utils import (
+    CheckpointError,
+    FinetuneConfig,
+    _prune_checkpoints,
+    capture_rng_state,
+    epoch_checkpoint_path,
+    export_state_dict,
+    find_latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+
+class TinyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
+def training_objects(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TinyModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=3)
+    scheduler = GradualWarmupScheduler(optimizer, multiplier=4, total_epoch=1, after_scheduler=cosine)
+    return model, optimizer, scheduler
+
+
+def train_steps(model, optimizer, scheduler, steps: int = 3) -> None:
+    for _ in range(steps):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def write(path, model, optimizer, scheduler, epoch: int = 1, generator=None):
+    return save_checkpoint(
+        path, model=model, epoch=epoch, config=FinetuneConfig(epochs=4), history={"epoch": [0, 1], "val_eer": [0.5, 0.4]},
+        optimizer=optimizer, scheduler=scheduler, best_metric=0.4, best_epoch=1, data_generator=generator,
+    )
+
+
+def test_roundtrip_loads_with_weights_only_and_restores_everything(tmp_path) -> None:
+    model, optimizer, scheduler = training_objects()
+    train_steps(model, optimizer, scheduler)
+    generator = torch.Generator().manual_seed(7)
+    path = write(tmp_path / "epoch_0001.pt", model, optimizer, scheduler, generator=generator)
+
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"] == FinetuneConfig(epochs=4).to_dict() and raw["epoch"] == 1
+
+    restored_model, restored_optimizer, restored_scheduler = training_objects(seed=1)
+    checkpoint = load_checkpoint(path, restored_model, restored_optimizer, restored_scheduler)
+    assert checkpoint["best_metric"] == 0.4 and checkpoint["history"]["val_eer"] == [0.5, 0.4]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored_model.state_dict()[key]), key
+    assert restored_scheduler.get_last_lr() == scheduler.get_last_lr()
+    # Both continue identically: the same optimizer moments and schedule.
+    torch.manual_seed(3)
+    train_steps(model, optimizer, scheduler)
+    torch.manual_seed(3)
+    train_steps(restored_model, restored_optimizer, restored_scheduler)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored_model.state_dict()[key]), key
+    assert restored_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_rng_states_restore_every_stream() -> None:
+    generator = torch.Generator().manual_seed(11)
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.normal()  # leaves a cached Gaussian in NumPy's state
+    state = capture_rng_state(generator)
+
+    def draw():
+        return (torch.rand(3), np.random.rand(3), random.random(), torch.randperm(10, generator=generator))
+
+    first = draw()
+    restore_rng_state(state, generator)
+    second = draw()
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert first[2] == second[2] and torch.equal(first[3], second[3])
+
+
+def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path) -> None:
+    model, optimizer, scheduler = training_objects()
+    path = write(tmp_path / "epoch_0001.pt", model, optimizer, scheduler)
+    before = path.read_bytes()
+
+    class Unsaveable(nn.Module):
+        def state_dict(self, *args, **kwargs):
+            return {"weight": torch.zeros(2), "broken": lambda: None}  # torch.save fails mid-write
+
+    with pytest.raises(Exception):
+        save_checkpoint(path, model=Unsaveable(), epoch=2, config=FinetuneConfig())
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.pt"]
+
+
+def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path) -> None:
+    model, optimizer, scheduler = training_objects()
+    for epoch in (1, 2, 3):
+        write(epoch_checkpoint_path(tmp_path, epoch), model, optimizer, scheduler, epoch=epoch)
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "epoch_0003.pt"
+
+    latest = tmp_path / "epoch_0003.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # truncated, as by a disconnect
+    (tmp_path / "epoch_0004.pt").write_bytes(b"not a checkpoint")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert find_latest_checkpoint(tmp_path) == tmp_path / "epoch_0002.pt"
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 2
+    assert messages[0].startswith("skipping checkpoint epoch_0004.pt")
+    assert messages[1].startswith("skipping checkpoint epoch_0003.pt")
+    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+        load_checkpoint(latest, model)
+
+
+def test_no_checkpoint_gives_none(tmp_path) -> None:
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert find_latest_checkpoint(tmp_path) is None
+
+
+def test_a_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path) -> None:
+    model, _, _ = training_objects()
+    torch.save(model.state_dict(), tmp_path / "epoch_0001.pt")
+    with pytest.raises(CheckpointError, match="load_pretrained"):
+        load_checkpoint(tmp_path / "epoch_0001.pt", model)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nothing.pt", model)
+
+
+def test_pruning_keeps_the_newest(tmp_path) -> None:
+    model, optimizer, scheduler = training_objects()
+    for epoch in range(1, 6):
+        write(epoch_checkpoint_path(tmp_path, epoch), model, optimizer, scheduler, epoch=epoch)
+    (tmp_path / "best.pt").write_bytes(b"kept")
+    _prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt"]
+
+
+def test_export_state_dict_is_plain_weights(tmp_path) -> None:
+    from model_v3 import load_pretrained
+
+    model, optimizer, scheduler = training_objects()
+    train_steps(model, optimizer, scheduler)
+    path = write(tmp_path / "epoch_0001.pt", model, optimizer, scheduler)
+    exported = torch.load(export_state_dict(path, tmp_path / "weights.pth"), weights_only=True)
+    assert set(exported) == set(model.state_dict())
+    fresh, _, _ = training_objects(seed=5)
+    load_pretrained(fresh, tmp_path / "weights.pth")
+    assert all(torch.equal(value, fresh.state_dict()[key]) for key, value in model.state_dict().items())
