@@ -444,7 +444,7 @@ def generate_gdps_pairs(
     root = Path(data_root)
     folder_splits = scan_gpds(root)
     shared = sorted(set(folder_splits["train"]) & set(folder_splits["test"]))
-    if shared:
+    if shared and not resplit:
         warnings.warn(
             f"{len(shared)} writer(s) appear in both {root / 'train'} and {root / 'test'} "
             f"(first: {shared[:5]}); the folder split is not writer-disjoint, use resplit=True (--resplit)",
