@@ -30,15 +30,16 @@ more likely genuine.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from model_v3 import TokenFeatures, load_pretrained
+from models.fine_tune_utils import (
+    build_optimizer_for_head_only,
+    print_trainable_params,
+    setup_head_only_finetune,
+    unfreeze_last_blocks,
+)
+from module.scheduler import GradualWarmupScheduler
+
 __all__ = [
     "FinetuneConfig",
+    "TrainingRun",
+    "prepare_run",
+    "fit",
+    "train_one_epoch",
+    "validate",
+    "compute_features",
+    "FeatureCache",
+    "CachedPairBatch",
+    "make_pair_loader",
+    "NonFiniteLossError",
     "compute_metrics",
     "save_metrics_json",
     "plot_training_history",
@@ -63,9 +83,15 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "find_latest_checkpoint",
-    "export_state_dict",
     "epoch_checkpoint_path",
+    "export_state_dict",
     "CheckpointError",
+    "HISTORY_KEYS",
+    # re-exported so that the notebook and the command line import from one place
+    "setup_head_only_finetune",
+    "print_trainable_params",
+    "build_optimizer_for_head_only",
+    "unfreeze_last_blocks",
 ]
 
 
@@ -315,7 +341,10 @@ def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp's 0600 would make the file private to this user
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -623,22 +652,28 @@ def load_checkpoint(
         CheckpointError: unreadable, unsafe, or not a checkpoint of this project.
         model_v3.CheckpointMismatchError: the model's keys or shapes differ.
     """
-    from model_v3 import load_pretrained
-
     path = Path(path)
     checkpoint = _read_checkpoint(path, map_location)
+    _apply_checkpoint(checkpoint, path, model, optimizer, scheduler, scaler, data_generator, restore_rng)
+    return checkpoint
+
+
+def _apply_checkpoint(checkpoint: Mapping[str, Any], path: Path, model: nn.Module | None,
+                      optimizer: torch.optim.Optimizer | None, scheduler: Any, scaler: torch.amp.GradScaler | None,
+                      data_generator: torch.Generator | None, restore_rng: bool) -> None:
     if model is not None:
         load_pretrained(model, checkpoint["model_state_dict"], strict=True)
-    for target, key in ((optimizer, "optimizer_state_dict"), (scheduler, "scheduler_state_dict"),
-                        (scaler, "scaler_state_dict")):
+    for target, key in ((optimizer, "optimizer_state_dict"), (scheduler, "scheduler_state_dict")):
         if target is None:
             continue
         if checkpoint.get(key) is None:
             raise CheckpointError(f"{path} holds no {key.removesuffix('_state_dict')} state to load")
         target.load_state_dict(checkpoint[key])
+    # A scaler saved disabled (CPU, or amp off) has an empty state: the loading scaler keeps its defaults.
+    if scaler is not None and checkpoint.get("scaler_state_dict"):
+        scaler.load_state_dict(checkpoint["scaler_state_dict"])
     if restore_rng:
         restore_rng_state(checkpoint["rng_state"], data_generator)
-    return checkpoint
 
 
 def _epoch_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -670,8 +705,13 @@ def find_latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def _prune_checkpoints(directory: Path, keep_last: int) -> None:
-    """Delete per-epoch checkpoints beyond the newest ``keep_last`` (``best.pt`` is a separate file)."""
+    """Delete per-epoch checkpoints beyond the newest ``keep_last`` (``best.pt`` is a separate file).
+
+    Also deletes temporary files that a killed process left mid-write (called between writes, never during one).
+    """
     for _, path in _epoch_checkpoints(directory)[keep_last:]:
+        path.unlink(missing_ok=True)
+    for path in directory.glob(".*.pt.*.tmp"):
         path.unlink(missing_ok=True)
 
 
@@ -681,3 +721,598 @@ def export_state_dict(checkpoint_path: str | Path, out_path: str | Path) -> Path
     out_path = Path(out_path)
     _atomic_write_bytes(out_path, lambda file: torch.save(state, file))
     return out_path
+
+
+# --------------------------------------------------------------------------- the feature cache (fast path)
+
+class CachedPairBatch(NamedTuple):
+    """Pairs as cached backbone features.
+
+    Attributes:
+        ref: reference images' ``TokenFeatures`` (``tokens [B, N, 384]``, ``kept [B, N]``).
+        query: query images' ``TokenFeatures``, same shapes.
+        labels: ``[B, 1]`` float32, 1 genuine-genuine, 0 genuine-forged.
+    """
+
+    ref: TokenFeatures
+    query: TokenFeatures
+    labels: torch.Tensor
+
+
+class _ImageFiles(Dataset):
+    """The distinct images of a pair dataset, one ``[1, S, S]`` tensor an item, without augmentation."""
+
+    def __init__(self, dataset: Any, paths: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset.load_image(self.paths[index])
+
+
+class FeatureCache(Dataset):
+    """Backbone features of every distinct image of a pair dataset, and its pairs as rows into them.
+
+    Built by ``compute_features``. As a dataset it has one item per pair
+    (item ``i`` is ``i``); ``collate`` turns a list of pair indices into a
+    ``CachedPairBatch``, so ``make_pair_loader(cache, ...)`` is the fast
+    path's loader.
+
+    Attributes:
+        paths: the ``M`` distinct image paths, sorted.
+        tokens: ``[M, N, 384]`` float32 or float16 stage-4 tokens (a tensor in
+            RAM, or a read-only NumPy memory map on disk).
+        kept: ``[M, N]`` bool ink masks.
+        pair_rows: ``[P, 2]`` int64 rows of (reference, query) for each pair.
+        labels: ``[P, 1]`` float32.
+    """
+
+    def __init__(self, paths: list[str], tokens: torch.Tensor | np.ndarray, kept: torch.Tensor,
+                 pair_rows: torch.Tensor, labels: torch.Tensor) -> None:
+        self.paths = paths
+        self.tokens = tokens
+        self.kept = kept
+        self.pair_rows = pair_rows
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.pair_rows)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def features(self, rows: torch.Tensor) -> TokenFeatures:
+        """The cached features of image ``rows`` (``[B]`` int64), on the CPU."""
+        if isinstance(self.tokens, torch.Tensor):
+            tokens = self.tokens[rows]
+        else:
+            tokens = torch.from_numpy(np.ascontiguousarray(self.tokens[rows.numpy()]))
+        return TokenFeatures(tokens, self.kept[rows])
+
+    def collate(self, pair_indices: Sequence[int]) -> CachedPairBatch:
+        """The batch of pairs ``pair_indices`` (``collate_fn`` of the fast path's ``DataLoader``)."""
+        index = torch.as_tensor(pair_indices, dtype=torch.int64)
+        rows = self.pair_rows[index]
+        return CachedPairBatch(self.features(rows[:, 0]), self.features(rows[:, 1]), self.labels[index])
+
+    def __repr__(self) -> str:
+        storage = "RAM" if isinstance(self.tokens, torch.Tensor) else f"disk ({getattr(self.tokens, 'filename', '?')})"
+        return (f"FeatureCache({len(self.paths)} images, {len(self)} pairs, tokens {list(self.tokens.shape)} "
+                f"{self.tokens.dtype} in {storage})")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    resolved = {"float32": torch.float32, "float16": torch.float16}.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.float16):
+        raise ValueError(f"feature dtype must be float32 or float16, got {dtype!r}")
+    return resolved
+
+
+def _amp_enabled(amp: bool, device: torch.device) -> bool:
+    # Mixed precision is for CUDA; on the CPU it would only slow the backbone down.
+    return amp and device.type == "cuda"
+
+
+def compute_features(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    dtype: str | torch.dtype = "float32",
+    feature_dir: str | Path = "",
+    amp: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "embedding images",
+) -> FeatureCache:
+    """Embed each distinct image of ``dataset`` once (batched, eval mode, no augmentation) into a ``FeatureCache``.
+
+    Args:
+        model: ``ViT_for_OSV_DSNet``; its ``embed`` gives ``[B, N, 384]`` tokens and ``[B, N]`` masks.
+        dataset: a pair dataset (``pairs``, ``image_paths()``, ``load_image(path) -> [1, S, S]``).
+        batch_size: images per backbone pass.
+        device: where the backbone runs; default the model's.
+        dtype: ``"float32"`` (distances equal the per-pair path's to 1e-5) or
+            ``"float16"`` (half the memory).
+        feature_dir: empty: keep the tokens in RAM; a folder: keep them in a
+            memory-mapped file in a temporary sub-folder there (deleted with
+            the cache), for sets larger than RAM.
+        amp: run the backbone under float16 autocast (CUDA only).
+        num_workers: image-loading worker processes.
+
+    Size: ``M * N * 384 * (4 or 2)`` bytes; ``N = (S / 32)^2`` (49 at 224
+    pixels: 75 KB an image in float32).
+    """
+    paths = list(dataset.image_paths())
+    if not paths or not len(dataset.pairs):
+        raise ValueError(f"{type(dataset).__name__} has no pairs to embed")
+    row_of = {path: row for row, path in enumerate(paths)}
+    try:
+        pair_rows = torch.tensor([[row_of[ref], row_of[query]] for ref, query, _ in dataset.pairs], dtype=torch.int64)
+    except KeyError as error:
+        raise ValueError(f"a pair names the image {error.args[0]}, which dataset.image_paths() does not list") from None
+    labels = torch.tensor([[float(label)] for _, _, label in dataset.pairs], dtype=torch.float32)
+    storage_dtype = _torch_dtype(dtype)
+    device = torch.device(device) if device is not None else _model_device(model)
+    loader = DataLoader(
+        _ImageFiles(dataset, paths), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keeps the loader from drawing its seed from the global RNG
+    )
+    tokens: torch.Tensor | np.ndarray | None = None
+    kept = None
+    folder = None
+    written = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=_amp_enabled(amp, device)):
+            for images in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+                features = model.embed(images.to(device, non_blocking=True))
+                batch_tokens = features.tokens.to("cpu", storage_dtype)
+                if tokens is None:
+                    shape = (len(paths), *batch_tokens.shape[1:])
+                    kept = torch.zeros(shape[:2], dtype=torch.bool)
+                    if feature_dir:
+                        Path(feature_dir).mkdir(parents=True, exist_ok=True)
+                        folder = Path(tempfile.mkdtemp(prefix="features-", dir=feature_dir))
+                        tokens = np.lib.format.open_memmap(folder / "tokens.npy", mode="w+",
+                                                           dtype=np.dtype(str(storage_dtype).removeprefix("torch.")),
+                                                           shape=shape)
+                    else:
+                        tokens = torch.empty(shape, dtype=storage_dtype)
+                end = written + len(batch_tokens)
+                tokens[written:end] = batch_tokens if isinstance(tokens, torch.Tensor) else batch_tokens.numpy()
+                kept[written:end] = features.kept.cpu()
+                written = end
+    finally:
+        model.train(was_training)
+    if folder is not None:
+        tokens.flush()
+        del tokens
+        tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+    cache = FeatureCache(paths, tokens, kept, pair_rows, labels)
+    if folder is not None:
+        weakref.finalize(cache, shutil.rmtree, folder, ignore_errors=True)
+    return cache
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the loader's generator; NumPy and random are derived from it so that
+    # augmentation drawing from either differs between workers and epochs and repeats on resume.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_pair_loader(
+    data: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` of pairs: over a ``FeatureCache`` (fast path) or a pair dataset (per-pair path).
+
+    ``generator`` orders the pairs and seeds the workers; its state is saved
+    in checkpoints. Batches are ``CachedPairBatch`` (fast path) or
+    ``(pairs [B, 2, S, S], labels [B, 1, 1])`` (per-pair path).
+    """
+    generator = generator if generator is not None else torch.Generator()
+    if isinstance(data, FeatureCache):
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=data.collate)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+                      worker_init_fn=_seed_worker, pin_memory=pin_memory)
+
+
+# --------------------------------------------------------------------------- one epoch, validation
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; no weights were updated with it."""
+
+
+def _pair_distances(model: nn.Module, batch: Any, device: torch.device, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(distance [B, 1], labels [B, 1])`` of a batch from either path.
+
+    The per-pair path computes what ``model.forward`` does: two backbone
+    passes, then ``compare``; ``compare`` runs outside autocast, and the EMD in float64.
+    """
+    if isinstance(batch, CachedPairBatch):
+        distance = model.compare(batch.ref.to(device), batch.query.to(device))
+        return distance, batch.labels.to(device)
+    pairs, labels = batch
+    pairs = pairs.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=_amp_enabled(amp, device)):
+        ref, query = model.embed(pairs[:, 0:1]), model.embed(pairs[:, 1:2])
+    distance = model.compare(ref, query)
+    return distance, labels.reshape(-1, 1).to(device, torch.float32)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device | str | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = False,
+    epoch: int | None = None,
+    progress: bool = True,
+) -> float:
+    """One pass over ``loader`` (either path, see ``make_pair_loader``) in training mode; returns the mean loss per pair.
+
+    The Sinkhorn runs with its training epsilon (``model.training``). A
+    non-finite loss raises ``NonFiniteLossError`` before the optimizer step,
+    so the weights never take it in. ``scaler`` (a ``GradScaler``) goes with
+    ``amp`` on CUDA.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    model.train()
+    total_loss, total_pairs = 0.0, 0
+    description = f"epoch {epoch} training" if epoch is not None else "training"
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=not progress)
+    for batch_number, batch in enumerate(bar, start=1):
+        distance, labels = _pair_distances(model, batch, device, amp)
+        loss = model.loss_fn(distance, labels)
+        batch_loss = loss.item()
+        if not math.isfinite(batch_loss):
+            raise NonFiniteLossError(f"training loss is {batch_loss} at batch {batch_number} of {len(bar)}"
+                                     + (f" in epoch {epoch}" if epoch is not None else ""))
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total_loss += batch_loss * len(labels)
+        total_pairs += len(labels)
+        bar.set_postfix(loss=f"{total_loss / total_pairs:.4f}")
+    if total_pairs == 0:
+        raise ValueError("the training loader yielded no pairs")
+    return total_loss / total_pairs
+
+
+def validate(
+    model: nn.Module,
+    data: Any,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    amp: bool = False,
+    feature_dtype: str | torch.dtype = "float32",
+    feature_dir: str | Path = "",
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "validation",
+) -> tuple[float, dict[str, Any]]:
+    """Loss and metrics of ``model`` (eval mode, Sinkhorn eval epsilon) on a set of pairs.
+
+    Args:
+        data: a pair dataset (each distinct image is embedded once, then the
+            pairs are compared), a ``FeatureCache`` of one, or a ``DataLoader``
+            of image pairs (the per-pair path: two backbone passes per pair).
+
+    Returns:
+        ``(loss, metrics)``: the mean loss per pair, and ``compute_metrics``'
+        dict plus ``loss``, ``distances`` ``[P]`` float64 and ``labels`` ``[P]`` int64.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    if isinstance(data, DataLoader):
+        loader = data
+    else:
+        cache = data if isinstance(data, FeatureCache) else compute_features(
+            model, data, batch_size=batch_size, device=device, dtype=feature_dtype, feature_dir=feature_dir,
+            amp=amp, num_workers=num_workers, progress=progress, desc=f"{desc}: embedding images")
+        loader = make_pair_loader(cache, batch_size, shuffle=False)
+    distances, labels = [], []
+    total_loss = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+                distance, label = _pair_distances(model, batch, device, amp)
+                total_loss += model.loss_fn(distance, label).item() * len(label)
+                distances.append(distance.detach().double().cpu().reshape(-1))
+                labels.append(label.cpu().reshape(-1))
+    finally:
+        model.train(was_training)
+    if not distances:
+        raise ValueError("validation got no pairs")
+    all_distances = torch.cat(distances).numpy()
+    all_labels = torch.cat(labels).numpy().astype(np.int64)
+    loss = total_loss / len(all_labels)
+    if not math.isfinite(loss):
+        bad = int((~np.isfinite(all_distances)).sum())
+        raise NonFiniteLossError(f"{desc} loss is {loss}: {bad} of {len(all_distances)} distances are NaN or infinite")
+    metrics = compute_metrics(all_distances, all_labels)
+    metrics.update(loss=loss, distances=all_distances, labels=all_labels)
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- the run and its one loop
+
+HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_eer", "val_auc", "val_accuracy", "lr", "seconds")
+# Settings that shape the optimisation: a checkpoint resumes only under the same values.
+RESUME_MUST_MATCH = (
+    "dataset", "image_size", "fast_head_only", "unfreeze_blocks", "epochs", "batch_size", "lr", "lr_blocks",
+    "weight_decay", "warmup_epochs", "warmup_multiplier", "amp", "select_metric", "feature_dtype", "seed",
+    "emd", "dis_type", "mar_type", "gol_dis", "temp",
+)
+
+
+def _log(message: str) -> None:
+    # tqdm.write prints above running progress bars instead of through them.
+    tqdm.write(message)
+
+
+@dataclass
+class TrainingRun:
+    """What a run holds between epochs; ``prepare_run`` builds it, ``fit`` advances it.
+
+    Attributes:
+        epoch: epochs completed (0 before training).
+        history: lists per ``HISTORY_KEYS``, one entry per epoch; entry 0 is
+            the model before fine-tuning (``None`` for ``train_loss``, ``lr``).
+            EER and accuracy are fractions; ``seconds`` is wall time.
+        best_metric: the lowest validation ``config.select_metric`` so far (EER fraction or loss).
+        best_epoch: the epoch it came from (0: the model before fine-tuning).
+        resumed_from: the checkpoint this run continued from, if any.
+        pending_rng_state: RNG states ``fit`` restores before the next epoch (set on resume).
+    """
+
+    config: FinetuneConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: GradualWarmupScheduler
+    scaler: torch.amp.GradScaler
+    data_generator: torch.Generator
+    device: torch.device
+    epoch: int = 0
+    history: dict[str, list[Any]] = field(default_factory=lambda: {key: [] for key in HISTORY_KEYS})
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    resumed_from: Path | None = None
+    pending_rng_state: dict[str, Any] | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.config.ckpt_dir)
+
+    @property
+    def best_checkpoint(self) -> Path:
+        """``ckpt_dir/best.pt``: a full checkpoint of the epoch with the best validation metric."""
+        return self.ckpt_dir / BEST_CHECKPOINT
+
+    def stop_reason(self) -> str | None:
+        """Why training is over (all epochs done, or early stop), or ``None`` while it is not."""
+        config = self.config
+        if self.epoch >= config.epochs:
+            return f"all {config.epochs} epochs done"
+        if self.best_epoch is not None and self.epoch - self.best_epoch >= config.patience:
+            return (f"early stop: validation {config.select_metric} has not improved by {config.min_improvement:.1%} "
+                    f"(relative) for {config.patience} epochs; best at epoch {self.best_epoch}")
+        return None
+
+    def save(self, path: Path) -> Path:
+        """Write this run's state as a checkpoint at ``path`` (see ``save_checkpoint``)."""
+        return save_checkpoint(
+            path, model=self.model, epoch=self.epoch, config=self.config, history=self.history,
+            optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            best_metric=self.best_metric, best_epoch=self.best_epoch, data_generator=self.data_generator,
+        )
+
+
+def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -> TrainingRun:
+    """Freeze, build the optimizer, schedule and AMP scaler, and resume from ``config.ckpt_dir`` when it holds a checkpoint.
+
+    The model is moved to ``config.resolved_device()``; ``head_str`` trains
+    (AdamW, ``config.lr``), plus the last ``config.unfreeze_blocks`` backbone
+    blocks (``config.lr_blocks``); the frozen part stays in eval mode. The
+    schedule is ``GradualWarmupScheduler`` then ``CosineAnnealingLR`` to 0 at
+    ``config.epochs``. With ``resume`` and a readable checkpoint (corrupt ones
+    are skipped with a warning), weights, optimizer, schedule, history, best
+    metric and RNG states continue from it.
+
+    Raises:
+        ValueError: the checkpoint was written under different settings (see ``RESUME_MUST_MATCH``).
+    """
+    device = config.resolved_device()
+    model.to(device)
+    setup_head_only_finetune(model)
+    block_groups = unfreeze_last_blocks(model, config.unfreeze_blocks, config.lr_blocks) if config.unfreeze_blocks else []
+    optimizer = build_optimizer_for_head_only(model, config.lr, config.weight_decay, param_groups=block_groups)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs - config.warmup_epochs)
+    scheduler = GradualWarmupScheduler(optimizer, config.warmup_multiplier, config.warmup_epochs, after_scheduler=cosine)
+    scaler = torch.amp.GradScaler(device.type, enabled=_amp_enabled(config.amp, device))
+    run = TrainingRun(config, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(config.seed), device)
+
+    latest = find_latest_checkpoint(config.ckpt_dir) if resume else None
+    if latest is None:
+        _log(f"new run: checkpoints go to {run.ckpt_dir}")
+        return run
+    checkpoint = _read_checkpoint(latest)
+    current = config.to_dict()
+    differences = [f"{key}: checkpoint {checkpoint['config'].get(key)!r}, now {current[key]!r}"
+                   for key in RESUME_MUST_MATCH if checkpoint["config"].get(key) != current[key]]
+    if differences:
+        raise ValueError(
+            f"{latest} was written with other settings, so it cannot continue under these:\n  "
+            + "\n  ".join(differences)
+            + "\nUse the checkpoint's settings to resume, or start a new run (another ckpt_dir, or resume=False)."
+        )
+    _apply_checkpoint(checkpoint, latest, model, optimizer, scheduler, scaler, None, restore_rng=False)
+    run.epoch = checkpoint["epoch"]
+    run.history = {key: list(values) for key, values in checkpoint["history"].items()}
+    run.best_metric = checkpoint["best_metric"]
+    run.best_epoch = checkpoint["best_epoch"]
+    run.resumed_from = latest
+    run.pending_rng_state = checkpoint["rng_state"]
+    best = f"{run.best_metric:.4g} at epoch {run.best_epoch}" if run.best_metric is not None else "none yet"
+    _log(f"resumed from {latest} after epoch {run.epoch} of {config.epochs} (best validation {config.select_metric}: {best})")
+    return run
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    def write(file: Any) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, file, length=16 * 2**20)
+
+    _atomic_write_bytes(target, write)
+
+
+def _record(run: TrainingRun, epoch: int, train_loss: float | None, lr: float | None,
+            metrics: Mapping[str, Any], seconds: float) -> bool:
+    """Append an epoch to the history and update the best; True when this epoch is the new best."""
+    values = {"epoch": epoch, "train_loss": train_loss, "val_loss": metrics["loss"], "val_eer": metrics["eer"],
+              "val_auc": metrics["auc"], "val_accuracy": metrics["accuracy"], "lr": lr, "seconds": seconds}
+    for key in HISTORY_KEYS:
+        run.history.setdefault(key, []).append(values[key])
+    score = metrics["eer"] if run.config.select_metric == "eer" else metrics["loss"]
+    improved = run.best_metric is None or score < run.best_metric * (1 - run.config.min_improvement)
+    if improved:
+        run.best_metric, run.best_epoch = float(score), epoch
+    return improved
+
+
+def fit(
+    run: TrainingRun,
+    train_set: Any,
+    val_set: Any,
+    *,
+    progress: bool = True,
+    on_epoch_end: Callable[[TrainingRun, dict[str, Any]], None] | None = None,
+) -> TrainingRun:
+    """The training loop: from ``run.epoch + 1`` to ``config.epochs``, or until early stopping.
+
+    Each epoch: train (fast path on cached features, or per-pair path with
+    the dataset's augmentation), validate (each distinct validation image
+    embedded once), step the schedule, record the history, write
+    ``epoch_NNNN.pt`` (the newest ``keep_last`` are kept) and, on a new best
+    validation metric, ``best.pt``. Before the first epoch of a new run the
+    untrained model is validated (history entry 0, also a candidate for
+    ``best.pt``). Interrupting loses at most the current epoch; calling
+    ``prepare_run`` and ``fit`` again continues exactly where the last
+    checkpoint left off.
+
+    Args:
+        run: from ``prepare_run``.
+        train_set, val_set: pair datasets (``sig_dataloader_colab`` interface).
+        on_epoch_end: called as ``on_epoch_end(run, val_metrics)`` after each epoch's checkpoint is written.
+
+    Raises:
+        NonFiniteLossError: a NaN or infinite loss; the message names the last good checkpoint.
+    """
+    config, model, device = run.config, run.model, run.device
+    done = run.stop_reason()
+    if done is not None:
+        _log(f"nothing to train: {done}")
+        return run
+    backbone_frozen = not any(parameter.requires_grad for parameter in model.model.parameters())
+    if config.fast_head_only and not backbone_frozen:
+        raise ValueError("fast_head_only needs a frozen backbone; build the run with prepare_run(model, config)")
+    feature_options = dict(batch_size=config.eval_batch_size, device=device, dtype=config.feature_dtype,
+                           feature_dir=config.feature_dir, amp=config.amp, num_workers=config.num_workers,
+                           progress=progress)
+    if config.fast_head_only:
+        if getattr(train_set, "augment", False):
+            _log("fast path: training on cached features of the un-augmented images "
+                 "(fast_head_only=False trains with augmentation)")
+        train_data = compute_features(model, train_set, desc="training set: embedding images", **feature_options)
+    else:
+        train_data = train_set
+    train_loader = make_pair_loader(train_data, config.batch_size, shuffle=True, generator=run.data_generator,
+                                    num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    # A frozen backbone gives the same validation features every epoch: embed them once.
+    val_cache = compute_features(model, val_set, desc="validation set: embedding images", **feature_options) \
+        if backbone_frozen else None
+
+    def run_validation() -> dict[str, Any]:
+        data = val_cache if val_cache is not None else val_set
+        return validate(model, data, device=device, batch_size=config.eval_batch_size, amp=config.amp,
+                        feature_dtype=config.feature_dtype, feature_dir=config.feature_dir,
+                        num_workers=config.num_workers, progress=progress)[1]
+
+    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if run.epoch == 0 and not run.history.get("epoch"):
+        start = time.perf_counter()
+        metrics = run_validation()
+        _record(run, 0, None, None, metrics, time.perf_counter() - start)
+        run.save(run.best_checkpoint)
+        _log(f"before fine-tuning: val loss {metrics['loss']:.4f}  EER {100 * metrics['eer']:.2f}%  "
+             f"AUC {metrics['auc']:.4f}")
+    if run.pending_rng_state is not None:
+        restore_rng_state(run.pending_rng_state, run.data_generator)
+        run.pending_rng_state = None
+    elif run.epoch == 0:
+        seed_everything(config.seed)
+        run.data_generator.manual_seed(config.seed)
+
+    epoch = run.epoch + 1
+    try:
+        while run.stop_reason() is None:
+            epoch = run.epoch + 1
+            start = time.perf_counter()
+            lr = run.optimizer.param_groups[0]["lr"]
+            try:
+                train_loss = train_one_epoch(model, train_loader, run.optimizer, device=device, scaler=run.scaler,
+                                             amp=config.amp, epoch=epoch, progress=progress)
+                metrics = run_validation()
+            except NonFiniteLossError as error:
+                last = find_latest_checkpoint(run.ckpt_dir)
+                kept = f"the last good checkpoint is {last} (epoch {run.epoch})" if last else "no epoch was completed"
+                raise NonFiniteLossError(
+                    f"{error}. Training stopped; {kept}. Lower the learning rate (lr={config.lr}), "
+                    "or check the data for blank or broken images."
+                ) from error
+            run.scheduler.step()
+            run.epoch = epoch
+            improved = _record(run, epoch, train_loss, lr, metrics, time.perf_counter() - start)
+            path = run.save(epoch_checkpoint_path(run.ckpt_dir, epoch))
+            if improved:
+                _copy_atomically(path, run.best_checkpoint)
+            _prune_checkpoints(run.ckpt_dir, config.keep_last)
+            _log(f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f}  val loss {metrics['loss']:.4f}  "
+                 f"EER {100 * metrics['eer']:6.2f}%  AUC {metrics['auc']:.4f}  lr {lr:.2e}  "
+                 f"{run.history['seconds'][-1]:6.1f} s" + ("  * best" if improved else ""))
+            if on_epoch_end is not None:
+                on_epoch_end(run, metrics)
+    except KeyboardInterrupt:
+        _log(f"interrupted during epoch {epoch}; the last checkpoint holds epoch {run.epoch}: "
+             "run prepare_run and fit again to continue from it")
+        raise
+    _log(f"{run.stop_reason()}; best validation {config.select_metric} {run.best_metric:.4g} "
+         f"at epoch {run.best_epoch} ({run.best_checkpoint})")
+    return run

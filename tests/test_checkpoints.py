@@ -1,6 +1,7 @@
 """Checkpoints: atomic, weights_only-loadable, RNG states restored, corrupt files skipped, retention."""
 from __future__ import annotations
 
+import os
 import random
 import warnings
 
@@ -22,6 +23,12 @@ from training_utils import (
     restore_rng_state,
     save_checkpoint,
 )
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 class TinyModel(nn.Module):
@@ -66,6 +73,7 @@ def test_roundtrip_loads_with_weights_only_and_restores_everything(tmp_path) -> 
     path = write(tmp_path / "epoch_0001.pt", model, optimizer, scheduler, generator=generator)
 
     raw = torch.load(path, weights_only=True)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     assert raw["config"] == FinetuneConfig(epochs=4).to_dict() and raw["epoch"] == 1
 
     restored_model, restored_optimizer, restored_scheduler = training_objects(seed=1)
@@ -156,6 +164,7 @@ def test_pruning_keeps_the_newest(tmp_path) -> None:
     for epoch in range(1, 6):
         write(epoch_checkpoint_path(tmp_path, epoch), model, optimizer, scheduler, epoch=epoch)
     (tmp_path / "best.pt").write_bytes(b"kept")
+    (tmp_path / ".epoch_0006.pt.k3j2.tmp").write_bytes(b"left by a killed process")
     _prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt"]
 
