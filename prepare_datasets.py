@@ -231,14 +231,16 @@ def _natural_key(path: str) -> tuple:
 
 
 def _split_sizes(n_writers: int, test_ratio: float, val_ratio: float) -> tuple[int, int]:
-    """Numbers of test and validation writers, leaving at least one writer for training."""
+    """Numbers of test and validation writers (at least one for a positive ratio), leaving one or more for training."""
     for name, ratio in (("test ratio", test_ratio), ("val_ratio", val_ratio)):
         if not 0 <= ratio < 1:
             raise ValueError(f"{name} must be in [0, 1), got {ratio}")
-    n_test = min(max(round(n_writers * test_ratio), 1 if test_ratio > 0 else 0), n_writers - 1)
-    n_val = min(max(round(n_writers * val_ratio), 1 if val_ratio > 0 else 0), n_writers - 1 - n_test)
-    if n_writers < 2 or (val_ratio > 0 and n_val < 1):
-        raise ValueError(f"{n_writers} writers are too few for a writer-disjoint split with these ratios")
+    n_test = max(round(n_writers * test_ratio), 1) if test_ratio > 0 else 0
+    n_val = max(round(n_writers * val_ratio), 1) if val_ratio > 0 else 0
+    if n_test + n_val >= n_writers:
+        raise ValueError(
+            f"{n_writers} writers are too few for {n_test} test and {n_val} validation writers and one for training"
+        )
     return n_test, n_val
 
 

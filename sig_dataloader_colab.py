@@ -107,7 +107,12 @@ def _prepare_file(path: str | os.PathLike, image_size: int, mode: str) -> np.nda
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image).to(torch.float32).div_(255.0).unsqueeze(0)
+    """uint8 [S, S] -> float32 [1, S, S] in [0, 1], as ToTensor divides.
+
+    In numpy: torch would spread this small job over its thread pool, which
+    costs milliseconds per image when the cores are busy.
+    """
+    return torch.from_numpy(image.astype(np.float32) / np.float32(255.0)).unsqueeze(0)
 
 
 class PairAugmentation:
@@ -218,7 +223,7 @@ class SignaturePairDataset(Dataset):
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(relative)} images named in {pair_path} do not exist, e.g.:\n{shown}\n"
                 f"Check the dataset root (path={str(root)!r}) or regenerate the pair file; "
-                f"`python prepare_datasets.py validate {root} {pair_path.name}` lists them all."
+                f"`python prepare_datasets.py validate {root} {pair_path}` lists them all."
             )
         # One string object per distinct image: 34,080 CEDAR pairs share 1,920 paths.
         absolute = {p: os.path.abspath(root / p) for p in relative}
