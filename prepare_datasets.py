@@ -4,7 +4,8 @@ Pair files hold one pair a line: `reference_path<sep>query_path<sep>label`,
 paths relative to the dataset root, label 1 for genuine-genuine and 0 for
 genuine-forgery. Reading accepts tabs or runs of spaces as separators (a line
 with a tab is split on tabs only, so its paths may hold spaces), CRLF line
-ends, a byte-order mark, blank lines and a missing final newline. Every file
+ends, a byte-order mark, blank lines, a missing final newline and Windows
+backslashes between folders. Every file
 written here is tab-separated with LF line ends, since GPDS file names can
 carry spaces.
 
@@ -85,7 +86,8 @@ def parse_pair_line(line: str) -> Pair:
     reference, query, label = fields
     if label not in ("0", "1"):
         raise ValueError(f"label {label!r} is not 0 or 1")
-    return reference, query, int(label)
+    # Files written on Windows may separate folders with backslashes.
+    return reference.replace("\\", "/"), query.replace("\\", "/"), int(label)
 
 
 @dataclass

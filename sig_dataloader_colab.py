@@ -189,8 +189,8 @@ class SignaturePairDataset(Dataset):
 
     def __init__(
         self,
-        opt=None,
-        path: str | os.PathLike = ".",
+        opt,
+        path: str | os.PathLike,
         train: bool = True,
         image_size: int = 224,
         mode: str = "normalized",

@@ -346,7 +346,7 @@ def _file_plan(layout: str, writers: list[int], n_genuine: int, n_forged: int, l
                     in_test = w in test or (w in shared and n > (2 * count) // 3)
                     folder = f"test/{w:03d}/{kind}" if in_test else f"train/{kind}"
                     plan.append((w, forged, n, f"{folder}/{name(w, forged, n)}"))
-        facts.update(splits={"train": train, "test": test + shared}, shared_writers=shared)
+        facts.update(splits={"train": train, "test": sorted(test + shared)}, shared_writers=shared)
         facts["files_with_spaces"] = sorted(p for *_, p in plan if " " in p)
     return plan, facts
 

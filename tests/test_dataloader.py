@@ -13,7 +13,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from module.preprocess import BlankScanError
-from prepare_datasets import PairFileError, generate_cedar_pairs, generate_gdps_pairs, make_synthetic_dataset, write_pair_file
+from prepare_datasets import (
+    PairFileError,
+    generate_bhsig_pairs,
+    generate_cedar_pairs,
+    generate_gdps_pairs,
+    make_synthetic_dataset,
+    write_pair_file,
+)
 from sig_dataloader_colab import (
     ImageReadError,
     PairAugmentation,
@@ -121,8 +128,6 @@ def test_gpds_names_with_spaces(tmp_path):
 
 def test_bhsig_dataset(tmp_path):
     make_synthetic_dataset(tmp_path, "bhsig", n_writers=2, n_genuine=3, n_forged=2, image_size=64, progress=False)
-    from prepare_datasets import generate_bhsig_pairs
-
     generate_bhsig_pairs(tmp_path, test_writers=[2])
     ds = SigDataset_BHSig_Colab(None, tmp_path, train=False, image_size=32)
     assert len(ds) == 3 + 6 and ds[0][0].shape == (2, 32, 32)

@@ -221,8 +221,8 @@ def test_writer_of():
 
 
 def test_reads_tabs_spaces_crlf_bom_and_blank_lines(tmp_path):
-    expected = [("a dir/c-001-01 (Copy).jpg", "b.png", 1), ("c.png", "d.png", 0), ("e.png", "f.png", 1)]
-    text = "\ufeffa dir/c-001-01 (Copy).jpg\tb.png\t1\r\n\r\nc.png d.png 0\r\n   \ne.png\t f.png \t1"
+    expected = [("a dir/c-001-01 (Copy).jpg", "b.png", 1), ("c.png", "d.png", 0), ("e.png", "g/f.png", 1)]
+    text = "\ufeffa dir/c-001-01 (Copy).jpg\tb.png\t1\r\n\r\nc.png d.png 0\r\n   \ne.png\t g\\f.png \t1"
     (tmp_path / "p.txt").write_bytes(text.encode("utf-8"))
     parsed = read_pair_file(tmp_path / "p.txt")
     assert parsed.pairs == expected and parsed.problems == []
