@@ -37,21 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from module.preprocess import normalize_image  # noqa: E402
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset  # noqa: E402
 from sig_dataloader_colab import SigDataset_CEDAR_Colab  # noqa: E402
+from training_utils import compute_metrics  # noqa: E402
 
 CEDAR_TRAIN_PAIRS = 34080
-
-
-def eer(distances: np.ndarray, labels: np.ndarray) -> float:
-    """Equal error rate of distances (lower = genuine), exact over every distinct threshold, O(N log N)."""
-    order = np.argsort(distances, kind="stable")
-    d, y = distances[order], labels[order]
-    last = np.r_[d[1:] != d[:-1], True]  # the last index of each distinct threshold
-    accepted_genuine = np.cumsum(y)[last]
-    accepted_forged = np.cumsum(1 - y)[last]
-    far = accepted_forged / max((y == 0).sum(), 1)
-    frr = 1 - accepted_genuine / max((y == 1).sum(), 1)
-    best = np.argmin(np.abs(far - frr))
-    return float((far[best] + frr[best]) / 2)
 
 
 def learnability(root: Path, writers: list[int], n_genuine: int, n_forged: int) -> dict[str, float]:
@@ -70,8 +58,7 @@ def learnability(root: Path, writers: list[int], n_genuine: int, n_forged: int) 
         for k, name in enumerate(distances):
             distances[name].extend(np.linalg.norm(a[k] - b[k]) for a, b, _ in pairs)
         labels.extend(label for _, _, label in pairs)
-    labels = np.asarray(labels)
-    return {name: eer(np.asarray(d), labels) for name, d in distances.items()}
+    return {name: compute_metrics(d, labels)["eer"] for name, d in distances.items()}
 
 
 def rss_bytes() -> int:
