@@ -157,5 +157,4 @@ def test_learnable_but_not_trivial(tmp_path):
             eers[name][1].extend(label for _, _, label in pairs)
     for name, (distances, labels) in eers.items():
         eer = compute_metrics(distances, labels)["eer"]
-        print(f"{name} EER {eer:.3f}")
         assert 0.05 < eer < 0.45, f"{name} EER {eer:.3f}"
