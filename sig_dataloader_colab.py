@@ -17,6 +17,7 @@ threshold and the centring, and a changed file is recomputed.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from pathlib import Path
 
@@ -200,7 +201,7 @@ class SignaturePairDataset(Dataset):
     ):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-        if not isinstance(image_size, int) or image_size < 8:
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 8:
             raise ValueError(f"image_size must be an int of at least 8 pixels, got {image_size!r}")
         root = Path(path)
         if not root.is_dir():
@@ -230,11 +231,11 @@ class SignaturePairDataset(Dataset):
         self.pairs: list[tuple[str, str, int]] = [(absolute[a], absolute[b], label) for a, b, label in parsed.pairs]
         self.root = str(root)
         self.pair_file = str(pair_path)
-        self.image_size = image_size
+        self.image_size = int(image_size)
         self.mode = mode
         self.augment = train if augment is None else bool(augment)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.augmentation = PairAugmentation(image_size)
+        self.augmentation = PairAugmentation(self.image_size)
 
     def __len__(self) -> int:
         return len(self.pairs)
