@@ -12,7 +12,9 @@ carry spaces.
 The generators write `gray_train.txt` and `gray_test.txt` (and
 `gray_val.txt` with a validation split) into the dataset root, where the
 datasets in sig_dataloader_colab.py look for them. Splits are by writer, and
-everything is deterministic for `random_state`.
+everything is deterministic for `random_state`. `ensure_pair_files` writes
+them only when they are missing, invalid or made with other arguments (for
+notebooks that are run again after a disconnect).
 
 Command line: `python prepare_datasets.py {synthetic,cedar,bhsig,gpds,sample,validate} --help`.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import sys
@@ -31,11 +34,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from synthetic_signatures import make_synthetic_dataset
+from synthetic_signatures import ensure_synthetic_dataset, make_synthetic_dataset
 
 __all__ = [
     "PairFileError",
     "PairFileReport",
+    "ensure_pair_files",
+    "ensure_synthetic_dataset",
     "generate_bhsig_pairs",
     "generate_cedar_pairs",
     "generate_gdps_pairs",
@@ -50,6 +55,8 @@ __all__ = [
 Pair = tuple[str, str, int]
 
 PAIR_FILES = {"train": "gray_train.txt", "val": "gray_val.txt", "test": "gray_test.txt"}
+# Written beside the pair files by ensure_pair_files: how they were made.
+PAIR_MANIFEST = "pair_files.json"
 IMAGE_EXTENSIONS = r"(?:png|jpe?g|tiff?|bmp)"
 CEDAR_NAME = re.compile(rf"^(original|forgeries)_(\d+)_(\d+)\.{IMAGE_EXTENSIONS}$", re.IGNORECASE)
 BHSIG_NAME = re.compile(rf"^([HB])-S-(\d+)-([GF])-(\d+)\.{IMAGE_EXTENSIONS}$", re.IGNORECASE)
@@ -212,11 +219,16 @@ def _count(pairs: list[Pair]) -> dict[str, int]:
 
 
 def _write_splits(out_dir: Path, split_pairs: dict[str, list[Pair]], writers: dict[str, list[int]]) -> dict:
-    """Write one pair file a non-empty split; the generators' return value."""
+    """Write one pair file a split (validation only when it has writers); the generators' return value.
+
+    A gray_val.txt left by an earlier run with a validation split is removed:
+    its writers may now be training writers.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     files, counts = {}, {}
     for split, pairs in split_pairs.items():
         if split == "val" and not writers.get("val"):
+            (out_dir / PAIR_FILES["val"]).unlink(missing_ok=True)
             continue
         files[split] = str(out_dir / PAIR_FILES[split])
         write_pair_file(files[split], pairs)
@@ -629,6 +641,60 @@ def validate_pair_file(
         duplicates=duplicates,
         shared_writers=shared,
     )
+
+
+def _why_not_reusable(root: Path, files: dict[str, str]) -> str | None:
+    """None when every pair file exists, parses, names only existing images and repeats no pair; else the reason."""
+    for split, path in files.items():
+        if not Path(path).is_file():
+            return f"{Path(path).name} is missing"
+        report = validate_pair_file(root, path, other_pair_files=[])
+        if report.malformed or report.missing_files or report.duplicates:
+            return report.summary(limit=2)
+    return None
+
+
+def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: float = 0.0, random_state: int = 42, **options) -> dict[str, str]:
+    """The pair files of a dataset root, written only when needed; returns {split: path}.
+
+    Files made by an earlier call (recorded in pair_files.json with their
+    arguments) are kept when the arguments match and every file still
+    validates; files found without that record (your own) are kept when
+    gray_train.txt, gray_test.txt and, for val_ratio > 0, gray_val.txt exist
+    and validate. Otherwise the files are written (with a warning when
+    others are replaced) by the dataset's generator.
+
+    Args:
+        dataset: "cedar", "bhsig" or "gpds" ("gdps" too).
+        options: passed to generate_cedar_pairs, generate_bhsig_pairs or
+            generate_gdps_pairs (e.g. train_ratio, test_writers, resplit).
+    """
+    generators = {"cedar": generate_cedar_pairs, "bhsig": generate_bhsig_pairs, "gpds": generate_gdps_pairs}
+    name = "gpds" if dataset.lower() == "gdps" else dataset.lower()
+    if name not in generators:
+        raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(generators)}")
+    root = Path(data_root)
+    # Arguments as JSON would read them back (tuples and ranges become lists).
+    arguments = json.loads(json.dumps({"dataset": name, "val_ratio": val_ratio, "random_state": random_state, **options}, default=list))
+    manifest = root / PAIR_MANIFEST
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved is not None and saved.get("arguments") == arguments:
+        files = saved["files"]
+    elif saved is None:
+        files = {s: str(root / PAIR_FILES[s]) for s in (("train", "val", "test") if val_ratio > 0 else ("train", "test"))}
+    else:
+        files = None
+    reason = "made with other arguments" if files is None else _why_not_reusable(root, files)
+    if reason is None:
+        return files
+    if any((root / f).is_file() for f in PAIR_FILES.values()):
+        warnings.warn(f"rewriting the pair files in {root} ({reason})", stacklevel=2)
+    result = generators[name](root, val_ratio=val_ratio, random_state=random_state, **options)
+    manifest.write_text(json.dumps({"arguments": arguments, "files": result["files"]}, indent=1))
+    return result["files"]
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ many writers are made.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +36,8 @@ from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm.auto import tqdm
 
 LAYOUTS = ("cedar", "gpds", "bhsig")
+# Written into a corpus's root when it is complete; see ensure_synthetic_dataset.
+MANIFEST = "synthetic_corpus.json"
 BHSIG_PREFIX = {"hindi": "H", "bengali": "B"}
 # Samples per writer in the real datasets: (genuine, forged).
 REAL_COUNTS = {"cedar": (24, 24), "gpds": (24, 30), "bhsig": (24, 30)}
@@ -393,7 +396,8 @@ def make_synthetic_dataset(
 
     Returns:
         dict with root, layout, writers (list of int), n_genuine, n_forged,
-        counts ({"genuine", "forged", "files"}), seed, image_size, seconds, and
+        counts ({"genuine", "forged", "files"}), files (relative paths),
+        seed, image_size, seconds, and
         per layout: language (bhsig); splits, shared_writers, files_with_spaces (gpds).
     """
     if layout not in LAYOUTS:
@@ -436,8 +440,49 @@ def make_synthetic_dataset(
         "n_genuine": n_genuine,
         "n_forged": n_forged,
         "counts": {"genuine": len(plan) - n_forged_files, "forged": n_forged_files, "files": len(plan)},
+        "files": [rel for *_, rel in plan],
         "seed": seed,
         "image_size": image_size,
         "seconds": round(time.perf_counter() - start, 2),
         **facts,
     }
+
+
+def ensure_synthetic_dataset(
+    root: str | os.PathLike,
+    layout: str = "cedar",
+    n_writers: int = 10,
+    n_genuine: int | None = None,
+    n_forged: int | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    language: str = "hindi",
+    progress: bool = True,
+) -> dict:
+    """`make_synthetic_dataset`, skipped when `root` already holds this very corpus.
+
+    A finished corpus leaves a manifest (synthetic_corpus.json: the arguments
+    and the dict returned); it is reused when the arguments match and every
+    file is there. Otherwise the manifest is removed first, so that an
+    interrupted run is never taken for a finished one, and the corpus is made
+    afresh. Returns make_synthetic_dataset's dict plus "reused" (bool).
+    """
+    root = Path(root)
+    arguments = {
+        "layout": layout, "n_writers": n_writers, "n_genuine": n_genuine, "n_forged": n_forged,
+        "seed": seed, "image_size": image_size, "language": language,
+    }
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        try:
+            saved = json.loads(manifest.read_text())
+            if saved["arguments"] == arguments and all((root / f).is_file() for f in saved["info"]["files"]):
+                return {**saved["info"], "reused": True}
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable manifest: make the corpus again
+        manifest.unlink()
+    info = make_synthetic_dataset(root, **arguments, progress=progress)
+    tmp = manifest.with_name(manifest.name + ".tmp")
+    tmp.write_text(json.dumps({"arguments": arguments, "info": info}, indent=1))
+    os.replace(tmp, manifest)
+    return {**info, "reused": False}

@@ -9,6 +9,7 @@ import pytest
 import prepare_datasets as pdm
 from prepare_datasets import (
     PairFileError,
+    ensure_pair_files,
     generate_bhsig_pairs,
     generate_cedar_pairs,
     generate_gdps_pairs,
@@ -326,3 +327,33 @@ def test_cli_round_trip(tmp_path, capsys):
 def test_cli_runs_as_a_script():
     done = subprocess.run([sys.executable, "prepare_datasets.py", "gpds", "--help"], cwd=PROJECT, capture_output=True, text=True)
     assert done.returncode == 0 and "--resplit" in done.stdout
+
+
+def test_ensure_pair_files_writes_once_and_follows_changes(tmp_path, recwarn):
+    root = _touch_cedar(tmp_path, 5, 3, 2)
+    files = ensure_pair_files("cedar", root, val_ratio=0.2, random_state=1)
+    assert set(files) == {"train", "val", "test"} and (root / "pair_files.json").is_file()
+    stamps = {s: Path(p).stat().st_mtime_ns for s, p in files.items()}
+    assert ensure_pair_files("cedar", root, val_ratio=0.2, random_state=1) == files
+    assert {s: Path(p).stat().st_mtime_ns for s, p in files.items()} == stamps
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="made with other arguments"):
+        assert set(ensure_pair_files("cedar", root, random_state=1)) == {"train", "test"}
+    assert not (root / "gray_val.txt").exists()  # a stale validation file would leak writers
+    (root / "full_org/original_1_1.png").unlink()  # a referenced image disappears
+    with pytest.warns(UserWarning, match="missing files"):
+        ensure_pair_files("cedar", root, random_state=1)
+    assert validate_pair_file(root, "gray_train.txt").ok
+
+
+def test_ensure_pair_files_keeps_your_own_valid_files(tmp_path):
+    root = _touch_cedar(tmp_path, 3, 3, 2)
+    (root / "gray_train.txt").write_text("full_org/original_1_1.png full_org/original_1_2.png 1\n")
+    (root / "gray_test.txt").write_text("full_org/original_2_1.png full_forg/forgeries_2_1.png 0\n")
+    files = ensure_pair_files("cedar", root)
+    assert files == {"train": str(root / "gray_train.txt"), "test": str(root / "gray_test.txt")}
+    assert (root / "gray_train.txt").read_text() == "full_org/original_1_1.png full_org/original_1_2.png 1\n"
+    with pytest.warns(UserWarning, match="gray_val.txt is missing"):
+        ensure_pair_files("cedar", root, val_ratio=0.34)
+    with pytest.raises(ValueError, match="unknown dataset 'mcyt'"):
+        ensure_pair_files("mcyt", root)

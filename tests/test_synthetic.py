@@ -9,7 +9,7 @@ from PIL import Image
 from skimage.feature import hog
 
 from module.preprocess import normalize_image
-from prepare_datasets import make_synthetic_dataset
+from prepare_datasets import ensure_synthetic_dataset, make_synthetic_dataset
 from synthetic_signatures import CANVAS_COLS, CANVAS_ROWS
 from training_utils import compute_metrics
 
@@ -158,3 +158,20 @@ def test_learnable_but_not_trivial(tmp_path):
     for name, (distances, labels) in eers.items():
         eer = compute_metrics(distances, labels)["eer"]
         assert 0.05 < eer < 0.45, f"{name} EER {eer:.3f}"
+
+
+def test_ensure_synthetic_dataset_reuses_a_finished_corpus(tmp_path):
+    from synthetic_signatures import MANIFEST
+
+    arguments = dict(layout="cedar", n_writers=2, n_genuine=2, n_forged=2, image_size=48, progress=False)
+    first = ensure_synthetic_dataset(tmp_path, **arguments)
+    assert first["reused"] is False and (tmp_path / MANIFEST).is_file()
+    scan = tmp_path / first["files"][0]
+    stamp = scan.stat().st_mtime_ns
+    again = ensure_synthetic_dataset(tmp_path, **arguments)
+    assert again["reused"] is True and again["files"] == first["files"] and scan.stat().st_mtime_ns == stamp
+    scan.unlink()  # a missing scan: made again
+    assert ensure_synthetic_dataset(tmp_path, **arguments)["reused"] is False and scan.is_file()
+    assert ensure_synthetic_dataset(tmp_path, **{**arguments, "seed": 5})["reused"] is False  # other arguments
+    (tmp_path / MANIFEST).write_text("{not json")
+    assert ensure_synthetic_dataset(tmp_path, **{**arguments, "seed": 5})["reused"] is False
