@@ -104,10 +104,11 @@ class FinetuneConfig:
     Passed as ``opt`` to ``ViT_for_OSV_DSNet``, which reads the model options
     (``emd``, ``dis_type``, ``mar_type``, ``gol_dis``, ``temp``).
 
-    Learning rate: ``lr`` is where the warm-up starts; it rises linearly to
-    ``lr * warmup_multiplier`` over ``warmup_epochs`` epochs, then follows a
-    cosine down to 0 at ``epochs``. (With ``warmup_multiplier == 1`` the
-    warm-up starts from 0, as in the authors' scheduler.)
+    Learning rate (per epoch): ``lr`` is where the warm-up starts; it rises
+    linearly to ``lr * warmup_multiplier`` over ``warmup_epochs`` epochs, then
+    follows a cosine over the remaining epochs (it would reach 0 one epoch
+    after the last). With ``warmup_multiplier == 1`` the warm-up starts from
+    0, as in the authors' scheduler, so the first epoch would not train.
     """
 
     # data (read by the notebook and the command line)
@@ -1141,8 +1142,8 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
     The model is moved to ``config.resolved_device()``; ``head_str`` trains
     (AdamW, ``config.lr``), plus the last ``config.unfreeze_blocks`` backbone
     blocks (``config.lr_blocks``); the frozen part stays in eval mode. The
-    schedule is ``GradualWarmupScheduler`` then ``CosineAnnealingLR`` to 0 at
-    ``config.epochs``. With ``resume`` and a readable checkpoint (corrupt ones
+    schedule is ``GradualWarmupScheduler`` then ``CosineAnnealingLR`` (see
+    ``FinetuneConfig``). With ``resume`` and a readable checkpoint (corrupt ones
     are skipped with a warning), weights, optimizer, schedule, history, best
     metric and RNG states continue from it.
 

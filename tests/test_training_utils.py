@@ -1,0 +1,328 @@
+"""The training loop: fast path == per-pair path, exact resume, stops, checkpoints, plots, fine-tuning helps."""
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_v3 import ViT_for_OSV_DSNet
+from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune
+from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
+from sig_dataloader_colab import SigDataset_CEDAR_Colab
+from training_utils import (
+    HISTORY_KEYS,
+    FeatureCache,
+    FinetuneConfig,
+    NonFiniteLossError,
+    compute_features,
+    find_latest_checkpoint,
+    fit,
+    load_checkpoint,
+    make_pair_loader,
+    plot_roc_curve,
+    plot_score_distribution,
+    plot_training_history,
+    prepare_run,
+    save_metrics_json,
+    seed_everything,
+    train_one_epoch,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread per test: on shared cores a second thread that waits for a busy core slows small ops many-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """4 writers x (4 genuine + 3 forged): 2 training writers (36 pairs, 14 images), 1 validation writer (18 pairs)."""
+    root = tmp_path_factory.mktemp("cedar")
+    make_synthetic_dataset(root, "cedar", n_writers=4, n_genuine=4, n_forged=3, seed=0, image_size=96, progress=False)
+    generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
+    return str(root)
+
+
+def datasets(root: str, augment: bool = False) -> tuple[SigDataset_CEDAR_Colab, SigDataset_CEDAR_Colab]:
+    train = SigDataset_CEDAR_Colab(None, root, train=True, image_size=IMAGE_SIZE, augment=augment)
+    val = SigDataset_CEDAR_Colab(None, root, train=False, image_size=IMAGE_SIZE, pair_file="gray_val.txt")
+    return train, val
+
+
+def config_for(ckpt_dir: Path, **changes) -> FinetuneConfig:
+    settings = dict(ckpt_dir=str(ckpt_dir), image_size=IMAGE_SIZE, epochs=3, batch_size=16, lr=1e-3,
+                    warmup_epochs=1, eval_batch_size=32, device="cpu", patience=10, keep_last=2)
+    settings.update(changes)
+    return FinetuneConfig(**settings)
+
+
+def new_model(config: FinetuneConfig, seed: int = 0) -> ViT_for_OSV_DSNet:
+    seed_everything(seed)
+    return ViT_for_OSV_DSNet(config)
+
+
+def final_weights(ckpt_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)["model_state_dict"]
+
+
+def history_without_times(history: dict) -> dict:
+    return {key: values for key, values in history.items() if key != "seconds"}
+
+
+class Interrupt(KeyboardInterrupt):
+    """Stands in for Ctrl-C or a Colab disconnect after an epoch's checkpoint is written."""
+
+
+def interrupt_after(epoch: int):
+    def callback(run, metrics) -> None:
+        if run.epoch == epoch:
+            raise Interrupt
+
+    return callback
+
+
+# --------------------------------------------------------------------------- configuration
+
+def test_config_roundtrip_and_clear_errors() -> None:
+    config = FinetuneConfig(epochs=7, gol_dis="cos")
+    assert FinetuneConfig.from_dict(config.to_dict()) == config
+    assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+    assert ViT_for_OSV_DSNet(config).gol_dis == "cos"  # the config is the model's opt
+    with pytest.raises(ValueError, match="unknown FinetuneConfig settings: epoch"):
+        FinetuneConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="select_metric") as error:
+        FinetuneConfig(select_metric="acc", warmup_epochs=10, epochs=10)
+    assert "warmup_epochs" in str(error.value)  # every problem is listed at once
+    with pytest.raises(ValueError, match="fast_head_only caches backbone features"):
+        FinetuneConfig(unfreeze_blocks=2)
+
+
+# --------------------------------------------------------------------------- the two paths agree
+
+def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
+    train, val = datasets(corpus)
+    torch.manual_seed(0)
+    model = setup_head_only_finetune(ViT_for_OSV_DSNet())
+
+    # Evaluation: eval epsilon, each distinct image embedded once vs two backbone passes per pair.
+    cache = compute_features(model, val, progress=False)
+    assert len(cache.paths) == len(val.image_paths()) and len(cache) == len(val)
+    cached_loss, cached = validate(model, cache, progress=False)
+    per_pair_loss, per_pair = validate(model, make_pair_loader(val, 16, shuffle=False), progress=False)
+    np.testing.assert_allclose(cached["distances"], per_pair["distances"], rtol=0, atol=1e-5)
+    assert cached_loss == pytest.approx(per_pair_loss, abs=1e-5)
+    assert cached["eer"] == per_pair["eer"]
+    assert validate(model, val, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
+
+    # Training: the same pair order gives the same losses and the same head_str on both paths.
+    start = {key: value.clone() for key, value in model.state_dict().items()}
+    losses, heads = [], []
+    for data in (compute_features(model, train, progress=False), train):
+        model.load_state_dict(start)
+        optimizer = build_optimizer_for_head_only(model, lr_head=1e-3)
+        loader = make_pair_loader(data, 16, shuffle=True, generator=torch.Generator().manual_seed(5))
+        losses.append(train_one_epoch(model, loader, optimizer, progress=False))
+        heads.append(model.head_str.weight.detach().clone())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    # Adam divides by the root of the squared-gradient average: where a gradient is ~0, a 1e-8 difference
+    # in it moves that step by a visible fraction of lr, so weights are compared at a step-sized tolerance.
+    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=1e-4)
+
+    # float16 features: half the memory, distances within float16 rounding.
+    model.load_state_dict(start)
+    half = compute_features(model, val, dtype="float16", progress=False)
+    assert half.tokens.dtype == torch.float16
+    np.testing.assert_allclose(validate(model, half, progress=False)[1]["distances"], cached["distances"], atol=2e-2)
+
+    # On disk: a memory map, the same numbers, and its folder goes with the cache.
+    on_disk = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
+    assert isinstance(on_disk.tokens, np.memmap)
+    assert np.array_equal(np.asarray(on_disk.tokens), cache.tokens.numpy())
+    assert validate(model, on_disk, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
+    del on_disk
+    gc.collect()
+    assert list((tmp_path / "features").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- exact resume
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    torch.set_num_threads(int(sys.argv[4]))
+    from model_v3 import ViT_for_OSV_DSNet
+    from sig_dataloader_colab import SigDataset_CEDAR_Colab
+    from training_utils import FinetuneConfig, find_latest_checkpoint, fit, prepare_run
+
+    # Everything is rebuilt from the checkpoint: its config, then the model, optimizer, schedule and RNG states.
+    latest = find_latest_checkpoint(sys.argv[2])
+    config = FinetuneConfig.from_dict(torch.load(latest, weights_only=True)["config"])
+    root = sys.argv[3]
+    train = SigDataset_CEDAR_Colab(None, root, train=True, image_size=config.image_size)
+    val = SigDataset_CEDAR_Colab(None, root, train=False, image_size=config.image_size, pair_file="gray_val.txt")
+    run = fit(prepare_run(ViT_for_OSV_DSNet(config), config), train, val, progress=False)
+    print("resumed epochs", run.history["epoch"])
+""")
+
+
+def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path) -> None:
+    """Fast path: 3 epochs in one run == 2 epochs, a corrupt epoch-2 file, and a new process that resumes from epoch 1."""
+    train, val = datasets(corpus)
+    whole = config_for(tmp_path / "whole")
+    run = fit(prepare_run(new_model(whole), whole), train, val, progress=False)
+    assert run.epoch == 3 and run.history["epoch"] == [0, 1, 2, 3]
+
+    parts = config_for(tmp_path / "parts")
+    with pytest.raises(Interrupt):
+        fit(prepare_run(new_model(parts), parts), train, val, progress=False, on_epoch_end=interrupt_after(2))
+    latest = tmp_path / "parts" / "epoch_0002.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a disconnect mid-sync: the resumed run must use epoch 1
+
+    result = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, str(ROOT), str(tmp_path / "parts"), corpus, str(torch.get_num_threads())],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping checkpoint epoch_0002.pt" in result.stderr
+    assert "resumed from" in result.stdout and "after epoch 1 of 3" in result.stdout
+
+    expected, resumed = final_weights(tmp_path / "whole", 3), final_weights(tmp_path / "parts", 3)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    whole_ckpt = torch.load(tmp_path / "whole" / "epoch_0003.pt", weights_only=True)
+    parts_ckpt = torch.load(tmp_path / "parts" / "epoch_0003.pt", weights_only=True)
+    assert history_without_times(whole_ckpt["history"]) == history_without_times(parts_ckpt["history"])
+    assert (whole_ckpt["best_metric"], whole_ckpt["best_epoch"]) == (parts_ckpt["best_metric"], parts_ckpt["best_epoch"])
+
+    # Every file written loads with weights_only=True; the newest keep_last=2 epochs are kept, plus best.pt.
+    for folder in ("whole", "parts"):
+        names = sorted(path.name for path in (tmp_path / folder).iterdir())
+        assert names == ["best.pt", "epoch_0002.pt", "epoch_0003.pt"]
+        for name in names:
+            checkpoint = torch.load(tmp_path / folder / name, weights_only=True)
+            assert set(HISTORY_KEYS) <= set(checkpoint["history"])
+
+
+def test_resume_with_augmentation_is_bit_identical(corpus: str, tmp_path: Path) -> None:
+    """Per-pair path with augmentation (global torch RNG + data order): 2 epochs == 1 + rebuilt-from-checkpoint 1."""
+    train, val = datasets(corpus, augment=True)
+    small_train = torch.utils.data.Subset(train, range(0, len(train), 2))
+    whole = config_for(tmp_path / "whole", fast_head_only=False, epochs=2, warmup_epochs=0)
+    run = fit(prepare_run(new_model(whole), whole), small_train, val, progress=False)
+
+    parts = config_for(tmp_path / "parts", fast_head_only=False, epochs=2, warmup_epochs=0)
+    with pytest.raises(Interrupt):
+        fit(prepare_run(new_model(parts), parts), small_train, val, progress=False, on_epoch_end=interrupt_after(1))
+    torch.rand(100), np.random.rand(100)  # whatever happens in between must not matter
+    resumed_run = fit(prepare_run(new_model(parts, seed=2), parts), small_train, val, progress=False)
+
+    expected, resumed = final_weights(tmp_path / "whole", 2), final_weights(tmp_path / "parts", 2)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    assert history_without_times(run.history) == history_without_times(resumed_run.history)
+
+
+def test_resume_refuses_other_settings_and_a_finished_run_stays_finished(corpus: str, tmp_path: Path, capsys) -> None:
+    train, val = datasets(corpus)
+    config = config_for(tmp_path, epochs=2, patience=1, min_improvement=0.9)
+    run = fit(prepare_run(new_model(config), config), train, val, progress=False)
+    # No epoch improves the EER by 90 %: stopped after `patience` epochs past the best (the untrained model).
+    assert run.epoch == 1 and run.best_epoch == 0 and run.stop_reason().startswith("early stop")
+    again = fit(prepare_run(new_model(config), config), train, val, progress=False)
+    captured = capsys.readouterr()
+    assert again.epoch == 1 and "nothing to train: early stop" in captured.out + captured.err
+    with pytest.raises(ValueError, match="lr: checkpoint 0.001, now 0.01"):
+        prepare_run(new_model(config), config_for(tmp_path, epochs=2, patience=1, min_improvement=0.9, lr=1e-2))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus: str, tmp_path: Path) -> None:
+    train, val = datasets(corpus)
+    config = config_for(tmp_path)
+    model = new_model(config)
+    run = prepare_run(model, config)
+
+    def poison(run_, metrics) -> None:  # from epoch 2 on, the loss turns NaN
+        run_.model.loss_fn.forward = lambda distance, label: distance.sum() * float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at batch 1 of 2 in epoch 2") as error:
+        fit(run, train, val, progress=False, on_epoch_end=poison)
+    assert "last good checkpoint is" in str(error.value) and "epoch_0001.pt (epoch 1)" in str(error.value)
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "epoch_0001.pt"
+    assert all(torch.isfinite(value).all() for value in final_weights(tmp_path, 1).values() if value.is_floating_point())
+    assert torch.isfinite(model.head_str.weight).all()  # the NaN never reached the weights
+
+
+def test_schedule_warms_up_then_follows_a_cosine(corpus: str, tmp_path: Path) -> None:
+    train, val = datasets(corpus)
+    config = config_for(tmp_path, epochs=4, warmup_epochs=1, warmup_multiplier=4.0, lr=1e-4)
+    run = fit(prepare_run(new_model(config), config), train, val, progress=False)
+    # Epoch 1 at lr, epoch 2 at the peak lr * 4, then a cosine over the 3 remaining epochs towards 0.
+    assert run.history["lr"][0] is None
+    assert run.history["lr"][1:] == pytest.approx([1e-4, 4e-4, 3e-4, 1e-4], rel=1e-9)
+
+
+# --------------------------------------------------------------------------- fine-tuning helps; outputs
+
+def test_head_only_fine_tune_lowers_the_validation_eer(tmp_path_factory, tmp_path: Path) -> None:
+    """Synthetic corpus, fresh backbone, default model options, fast path; prints the EER before and after.
+
+    Without pretrained weights the backbone's tokens carry little about a
+    writer, so what head_str learns here is mostly to shrink the structural
+    (EMD) distance, whose noise hides the global distance's signal. With the
+    authors' weights the head has real structure to work with.
+    """
+    root = tmp_path_factory.mktemp("larger")
+    make_synthetic_dataset(root, "cedar", n_writers=12, n_genuine=8, n_forged=8, seed=1, image_size=96, progress=False)
+    generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
+    train, val = datasets(str(root))
+    config = config_for(tmp_path / "ckpt", epochs=3, warmup_epochs=1, lr=1e-3)
+    run = fit(prepare_run(new_model(config), config), train, val, progress=False)
+    before, after = run.history["val_eer"][0], run.best_metric
+    print(f"\nvalidation EER ({len(val)} pairs) before fine-tuning {100 * before:.2f}%, best after "
+          f"{100 * after:.2f}% (epoch {run.best_epoch}); per epoch: {[round(100 * e, 2) for e in run.history['val_eer']]}")
+    assert run.best_epoch > 0 and after < before
+
+    # The outputs a person looks at.
+    best_model = ViT_for_OSV_DSNet(config)
+    load_checkpoint(run.best_checkpoint, best_model)
+    loss, metrics = validate(best_model, val, progress=False)
+    assert metrics["eer"] == pytest.approx(after)
+    for path in (plot_training_history(run.history, tmp_path / "history.png"),
+                 plot_roc_curve(metrics, tmp_path / "roc.png"),
+                 plot_score_distribution(metrics, tmp_path / "scores.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    saved = json.loads(save_metrics_json(metrics, tmp_path / "metrics.json").read_text())
+    assert saved["eer"] == metrics["eer"] and "distances" not in saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_with_amp_matches_cpu(corpus: str) -> None:
+    train, val = datasets(corpus)
+    torch.manual_seed(0)
+    model = setup_head_only_finetune(ViT_for_OSV_DSNet())
+    _, on_cpu = validate(model, val, progress=False)
+    model.cuda()
+    _, on_gpu = validate(model, val, progress=False)
+    np.testing.assert_allclose(on_gpu["distances"], on_cpu["distances"], atol=1e-3)
+    _, with_amp = validate(model, val, amp=True, progress=False)
+    np.testing.assert_allclose(with_amp["distances"], on_cpu["distances"], atol=5e-2)
+    optimizer = build_optimizer_for_head_only(model)
+    scaler = torch.amp.GradScaler("cuda")
+    for data in (compute_features(model, train, amp=True, progress=False), train):
+        loader = make_pair_loader(data, 16, shuffle=True, pin_memory=not isinstance(data, FeatureCache))
+        loss = train_one_epoch(model, loader, optimizer, scaler=scaler, amp=True, progress=False)
+        assert np.isfinite(loss)
