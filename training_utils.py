@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from model_v3 import TokenFeatures, load_pretrained
+from model_v3 import TokenFeatures, ViT_for_OSV_DSNet, load_pretrained
 from models.fine_tune_utils import (
     build_optimizer_for_head_only,
     print_trainable_params,
@@ -59,6 +59,8 @@ from models.fine_tune_utils import (
     unfreeze_last_blocks,
 )
 from module.scheduler import GradualWarmupScheduler
+from prepare_datasets import PAIR_FILES
+from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
 
 __all__ = [
     "FinetuneConfig",
@@ -87,6 +89,9 @@ __all__ = [
     "export_state_dict",
     "CheckpointError",
     "HISTORY_KEYS",
+    "build_model",
+    "build_datasets",
+    "evaluate_and_report",
     # re-exported so that the notebook and the command line import from one place
     "setup_head_only_finetune",
     "print_trainable_params",
@@ -197,6 +202,22 @@ class FinetuneConfig:
         if unknown:
             raise ValueError(f"unknown FinetuneConfig settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**dict(values))
+
+    @classmethod
+    def from_parameters(cls, namespace: Mapping[str, Any], **overrides: Any) -> "FinetuneConfig":
+        """A config from notebook parameters: each UPPER_CASE name whose lower case is a setting
+        (``EPOCHS`` -> ``epochs``, ``BATCH_SIZE`` -> ``batch_size``); ``overrides`` win; other names are ignored.
+
+        Typical: ``FinetuneConfig.from_parameters(globals(), data_root=..., ckpt_dir=...)``.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig settings: {', '.join(unknown)}")
+        values = {name.lower(): value for name, value in namespace.items()
+                  if isinstance(name, str) and name.isupper() and name.lower() in known}
+        values.update(overrides)
+        return cls(**values)
 
     def resolved_device(self) -> torch.device:
         """``device`` with ``auto`` resolved to CUDA when available, else CPU."""
@@ -1317,3 +1338,65 @@ def fit(
     _log(f"{run.stop_reason()}; best validation {config.select_metric} {run.best_metric:.4g} "
          f"at epoch {run.best_epoch} ({run.best_checkpoint})")
     return run
+
+
+# --------------------------------------------------------------------------- building blocks for the notebook and the command line
+
+DATASET_CLASSES = {
+    "cedar": SigDataset_CEDAR_Colab,
+    "gpds": SigDataset_GDPS_Colab,
+    "gdps": SigDataset_GDPS_Colab,  # the seed's spelling
+    "bhsig": SigDataset_BHSig_Colab,
+}
+
+
+def build_model(config: FinetuneConfig, pretrained: str | Path | None = None) -> ViT_for_OSV_DSNet:
+    """``ViT_for_OSV_DSNet(config)`` seeded with ``config.seed``, with pretrained weights, on ``config``'s device.
+
+    ``pretrained``: a weights file (``load_pretrained``, ``strict=True``);
+    ``None`` takes ``config.pretrained``; empty means a fresh backbone.
+    """
+    seed_everything(config.seed)
+    model = ViT_for_OSV_DSNet(config)
+    source = pretrained if pretrained is not None else config.pretrained
+    if source:
+        load_pretrained(model, source, strict=True)
+    return model.to(config.resolved_device())
+
+
+def build_datasets(config: FinetuneConfig, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, Any]:
+    """The pair datasets of ``config.dataset`` under ``config.data_root``, one per split.
+
+    Split ``s`` reads ``gray_{s}.txt`` (``prepare_datasets.PAIR_FILES``); only
+    ``train`` augments (which the fast path ignores). A missing pair file or
+    image raises the dataset's error, which names the command that makes it.
+    """
+    dataset_class = DATASET_CLASSES.get(config.dataset.lower())
+    if dataset_class is None:
+        raise ValueError(f"unknown dataset {config.dataset!r}: choose one of cedar, gpds, bhsig")
+    unknown = [split for split in splits if split not in PAIR_FILES]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}: choose from {', '.join(PAIR_FILES)}")
+    return {
+        split: dataset_class(None, config.data_root, train=split == "train", image_size=config.image_size,
+                             pair_file=PAIR_FILES[split], augment=split == "train")
+        for split in splits
+    }
+
+
+def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: str,
+                        config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
+    """Validate ``model`` on ``data`` (a pair dataset or a ``FeatureCache``) and write its report into ``out_dir``.
+
+    Files: ``{name}_metrics.json`` (no arrays), ``{name}_roc.png``,
+    ``{name}_scores.png``. Returns ``validate``'s metrics (with ``threshold``,
+    ``distances`` and ``labels``). Runs on the model's device.
+    """
+    out_dir = Path(out_dir)
+    _, metrics = validate(model, data, batch_size=config.eval_batch_size, amp=config.amp,
+                          feature_dtype=config.feature_dtype, feature_dir=config.feature_dir,
+                          num_workers=config.num_workers, progress=progress, desc=name)
+    save_metrics_json(metrics, out_dir / f"{name}_metrics.json")
+    plot_roc_curve(metrics, out_dir / f"{name}_roc.png", title=f"ROC curve: {name}")
+    plot_score_distribution(metrics, out_dir / f"{name}_scores.png", title=f"Distance distribution: {name}")
+    return metrics

@@ -23,15 +23,15 @@ from training_utils import (
     FinetuneConfig,
     NonFiniteLossError,
     compute_features,
+    build_datasets,
+    build_model,
+    evaluate_and_report,
+    export_state_dict,
     find_latest_checkpoint,
     fit,
-    load_checkpoint,
     make_pair_loader,
-    plot_roc_curve,
-    plot_score_distribution,
     plot_training_history,
     prepare_run,
-    save_metrics_json,
     seed_everything,
     train_one_epoch,
     validate,
@@ -111,6 +111,19 @@ def test_config_roundtrip_and_clear_errors() -> None:
     assert "warmup_epochs" in str(error.value)  # every problem is listed at once
     with pytest.raises(ValueError, match="fast_head_only caches backbone features"):
         FinetuneConfig(unfreeze_blocks=2)
+
+
+def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -> None:
+    parameters = {"EPOCHS": 4, "BATCH_SIZE": 8, "FAST_HEAD_ONLY": False, "DEMO": True, "GDRIVE_IDS": {}, "lr": 5.0}
+    config = FinetuneConfig.from_parameters(parameters, data_root=corpus, image_size=IMAGE_SIZE)
+    assert (config.epochs, config.batch_size, config.fast_head_only, config.lr) == (4, 8, False, FinetuneConfig.lr)
+    with pytest.raises(ValueError, match="unknown FinetuneConfig settings: root"):
+        FinetuneConfig.from_parameters(parameters, root=corpus)
+    splits = build_datasets(config, splits=("train", "val"))
+    assert splits["train"].augment and not splits["val"].augment
+    assert splits["val"].pair_file.endswith("gray_val.txt") and splits["val"].image_size == IMAGE_SIZE
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        build_datasets(FinetuneConfig(dataset="mnist", data_root=corpus))
 
 
 # --------------------------------------------------------------------------- the two paths agree
@@ -296,16 +309,15 @@ def test_head_only_fine_tune_lowers_the_validation_eer(tmp_path_factory, tmp_pat
           f"{100 * after:.2f}% (epoch {run.best_epoch}); per epoch: {[round(100 * e, 2) for e in run.history['val_eer']]}")
     assert run.best_epoch > 0 and after < before
 
-    # The outputs a person looks at.
-    best_model = ViT_for_OSV_DSNet(config)
-    load_checkpoint(run.best_checkpoint, best_model)
-    loss, metrics = validate(best_model, val, progress=False)
+    # The outputs a person looks at: the best weights exported, rebuilt, evaluated and reported.
+    weights = export_state_dict(run.best_checkpoint, tmp_path / "best_weights.pth")
+    best_model = build_model(config, weights)
+    metrics = evaluate_and_report(best_model, val, tmp_path / "report", "val", config, progress=False)
     assert metrics["eer"] == pytest.approx(after)
     for path in (plot_training_history(run.history, tmp_path / "history.png"),
-                 plot_roc_curve(metrics, tmp_path / "roc.png"),
-                 plot_score_distribution(metrics, tmp_path / "scores.png")):
+                 tmp_path / "report" / "val_roc.png", tmp_path / "report" / "val_scores.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    saved = json.loads(save_metrics_json(metrics, tmp_path / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "report" / "val_metrics.json").read_text())
     assert saved["eer"] == metrics["eer"] and "distances" not in saved
 
 
