@@ -2,12 +2,13 @@
 
 The notebook and the command line call the same functions here::
 
-    config = FinetuneConfig(data_root=..., ckpt_dir=..., epochs=10)
-    seed_everything(config.seed)
-    model = ViT_for_OSV_DSNet(config)              # then load_pretrained(model, ...)
-    run = prepare_run(model, config)               # freeze, optimizer, schedule, resume
-    run = fit(run, train_set, val_set)             # the one loop
-    loss, metrics = validate(run.model, test_set)  # each distinct image embedded once
+    config = FinetuneConfig(dataset="cedar", data_root=..., ckpt_dir=..., epochs=10)
+    data = build_datasets(config)                  # {"train", "val", "test"} from gray_{split}.txt
+    model = build_model(config, "weights.pth")     # seeded, pretrained weights, on config's device
+    run = prepare_run(model, config)               # freeze, optimizer, schedule; resume when ckpt_dir has a checkpoint
+    run = fit(run, data["train"], data["val"])     # the one loop; writes epoch_NNNN.pt and best.pt
+    load_checkpoint(run.best_checkpoint, model)
+    metrics = evaluate_and_report(model, data["test"], config.ckpt_dir, "test", config)
 
 Two paths feed pairs to the model:
 
@@ -567,7 +568,7 @@ def capture_rng_state(data_generator: torch.Generator | None = None) -> dict[str
 
 def restore_rng_state(state: Mapping[str, Any], data_generator: torch.Generator | None = None) -> None:
     """Put back what ``capture_rng_state`` recorded (the data order into ``data_generator``)."""
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") is not None and torch.cuda.is_available():
         saved = list(state["cuda"])
         if len(saved) != torch.cuda.device_count():
@@ -577,11 +578,11 @@ def restore_rng_state(state: Mapping[str, Any], data_generator: torch.Generator 
                 stacklevel=2,
             )
         for device_index, device_state in enumerate(saved[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, device_index)
+            torch.cuda.set_rng_state(device_state.cpu(), device_index)
     numpy_state = state["numpy"]
     np.random.set_state((
         numpy_state["algorithm"],
-        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["keys"].cpu().numpy().astype(np.uint32),
         numpy_state["position"],
         numpy_state["has_gauss"],
         numpy_state["cached_gaussian"],
@@ -591,7 +592,7 @@ def restore_rng_state(state: Mapping[str, Any], data_generator: torch.Generator 
     if data_generator is not None:
         if state.get("data_order") is None:
             raise CheckpointError("the checkpoint holds no data-order state to restore")
-        data_generator.set_state(state["data_order"])
+        data_generator.set_state(state["data_order"].cpu())
 
 
 def save_checkpoint(
@@ -1095,6 +1096,10 @@ RESUME_MUST_MATCH = (
 )
 
 
+def _format_metric(name: str, value: float) -> str:
+    return f"EER {100 * value:.2f}%" if name == "eer" else f"loss {value:.4f}"
+
+
 def _log(message: str) -> None:
     # tqdm.write prints above running progress bars instead of through them.
     tqdm.write(message)
@@ -1202,8 +1207,8 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
     run.best_epoch = checkpoint["best_epoch"]
     run.resumed_from = latest
     run.pending_rng_state = checkpoint["rng_state"]
-    best = f"{run.best_metric:.4g} at epoch {run.best_epoch}" if run.best_metric is not None else "none yet"
-    _log(f"resumed from {latest} after epoch {run.epoch} of {config.epochs} (best validation {config.select_metric}: {best})")
+    _log(f"resumed from {latest} after epoch {run.epoch} of {config.epochs} "
+         f"(best validation {_format_metric(config.select_metric, run.best_metric)} at epoch {run.best_epoch})")
     return run
 
 
@@ -1245,7 +1250,7 @@ def fit(
     ``epoch_NNNN.pt`` (the newest ``keep_last`` are kept) and, on a new best
     validation metric, ``best.pt``. Before the first epoch of a new run the
     untrained model is validated (history entry 0, also a candidate for
-    ``best.pt``). Interrupting loses at most the current epoch; calling
+    ``best.pt``) and saved as ``epoch_0000.pt``. Interrupting loses at most the current epoch; calling
     ``prepare_run`` and ``fit`` again continues exactly where the last
     checkpoint left off.
 
@@ -1292,15 +1297,16 @@ def fit(
         start = time.perf_counter()
         metrics = run_validation()
         _record(run, 0, None, None, metrics, time.perf_counter() - start)
-        run.save(run.best_checkpoint)
-        _log(f"before fine-tuning: val loss {metrics['loss']:.4f}  EER {100 * metrics['eer']:.2f}%  "
-             f"AUC {metrics['auc']:.4f}")
-    if run.pending_rng_state is not None:
-        restore_rng_state(run.pending_rng_state, run.data_generator)
-        run.pending_rng_state = None
-    elif run.epoch == 0:
+        # Seeded before epoch 0 is saved, so that resuming from it repeats this run exactly; the file also
+        # pins the starting weights, whatever happens to the model object in memory afterwards.
         seed_everything(config.seed)
         run.data_generator.manual_seed(config.seed)
+        _copy_atomically(run.save(epoch_checkpoint_path(run.ckpt_dir, 0)), run.best_checkpoint)
+        _log(f"before fine-tuning: val loss {metrics['loss']:.4f}  {_format_metric('eer', metrics['eer'])}  "
+             f"AUC {metrics['auc']:.4f}")
+    elif run.pending_rng_state is not None:
+        restore_rng_state(run.pending_rng_state, run.data_generator)
+        run.pending_rng_state = None
 
     epoch = run.epoch + 1
     try:
@@ -1327,7 +1333,7 @@ def fit(
                 _copy_atomically(path, run.best_checkpoint)
             _prune_checkpoints(run.ckpt_dir, config.keep_last)
             _log(f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f}  val loss {metrics['loss']:.4f}  "
-                 f"EER {100 * metrics['eer']:6.2f}%  AUC {metrics['auc']:.4f}  lr {lr:.2e}  "
+                 f"{_format_metric('eer', metrics['eer'])}  AUC {metrics['auc']:.4f}  lr {lr:.2e}  "
                  f"{run.history['seconds'][-1]:6.1f} s" + ("  * best" if improved else ""))
             if on_epoch_end is not None:
                 on_epoch_end(run, metrics)
@@ -1335,7 +1341,7 @@ def fit(
         _log(f"interrupted during epoch {epoch}; the last checkpoint holds epoch {run.epoch}: "
              "run prepare_run and fit again to continue from it")
         raise
-    _log(f"{run.stop_reason()}; best validation {config.select_metric} {run.best_metric:.4g} "
+    _log(f"{run.stop_reason()}; best validation {_format_metric(config.select_metric, run.best_metric)} "
          f"at epoch {run.best_epoch} ({run.best_checkpoint})")
     return run
 

@@ -231,18 +231,43 @@ def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path)
             assert set(HISTORY_KEYS) <= set(checkpoint["history"])
 
 
-def test_resume_with_augmentation_is_bit_identical(corpus: str, tmp_path: Path) -> None:
-    """Per-pair path with augmentation (global torch RNG + data order): 2 epochs == 1 + rebuilt-from-checkpoint 1."""
+class InterruptedOnce(torch.utils.data.Dataset):
+    """Raises Interrupt when its ``at``-th item is read: an interruption in the middle of an epoch."""
+
+    def __init__(self, dataset, at: int) -> None:
+        self.dataset, self.at, self.reads = dataset, at, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        if self.reads == self.at:
+            raise Interrupt
+        return self.dataset[index]
+
+
+def test_resume_after_an_interruption_mid_epoch_with_augmentation(corpus: str, tmp_path: Path) -> None:
+    """Per-pair path with augmentation (global torch RNG + data order): interrupted in epoch 1 after a step.
+
+    The notebook case: the same model object, its head already changed by the
+    lost half epoch, goes through prepare_run again, which restarts from
+    epoch_0000.pt; 2 epochs then match an uninterrupted run bit for bit.
+    """
     train, val = datasets(corpus, augment=True)
     small_train = torch.utils.data.Subset(train, range(0, len(train), 2))
-    whole = config_for(tmp_path / "whole", fast_head_only=False, epochs=2, warmup_epochs=0)
+    whole = config_for(tmp_path / "whole", fast_head_only=False, epochs=2, warmup_epochs=0, batch_size=4)
     run = fit(prepare_run(new_model(whole), whole), small_train, val, progress=False)
 
-    parts = config_for(tmp_path / "parts", fast_head_only=False, epochs=2, warmup_epochs=0)
+    parts = config_for(tmp_path / "parts", fast_head_only=False, epochs=2, warmup_epochs=0, batch_size=4)
+    model = new_model(parts)
+    head_before = model.head_str.weight.detach().clone()
     with pytest.raises(Interrupt):
-        fit(prepare_run(new_model(parts), parts), small_train, val, progress=False, on_epoch_end=interrupt_after(1))
+        fit(prepare_run(model, parts), InterruptedOnce(small_train, at=7), val, progress=False)
+    assert not torch.equal(model.head_str.weight, head_before)  # one optimizer step happened before the interruption
+    assert find_latest_checkpoint(tmp_path / "parts") == tmp_path / "parts" / "epoch_0000.pt"
     torch.rand(100), np.random.rand(100)  # whatever happens in between must not matter
-    resumed_run = fit(prepare_run(new_model(parts, seed=2), parts), small_train, val, progress=False)
+    resumed_run = fit(prepare_run(model, parts), small_train, val, progress=False)
 
     expected, resumed = final_weights(tmp_path / "whole", 2), final_weights(tmp_path / "parts", 2)
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
