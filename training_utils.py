@@ -117,38 +117,38 @@ class FinetuneConfig:
     0, as in the authors' scheduler, so the first epoch would not train.
     """
 
-    # data (read by the notebook and the command line)
-    dataset: str = "cedar"
-    data_root: str = ""
-    pretrained: str = ""
-    ckpt_dir: str = "checkpoints"
-    image_size: int = 224
-    num_workers: int = 0
+    # data (read by build_datasets and build_model)
+    dataset: str = "cedar"  # cedar | gpds | bhsig
+    data_root: str = ""  # folder holding the scans and the gray_{train,val,test}.txt pair files
+    pretrained: str = ""  # weights file for build_model; empty: a fresh backbone
+    ckpt_dir: str = "checkpoints"  # epoch_NNNN.pt and best.pt; put it on Google Drive in Colab
+    image_size: int = 224  # model input side, pixels, a multiple of 32 (224 for the authors' weights)
+    num_workers: int = 0  # image-loading processes; 2 helps on a GPU machine
     # what trains
-    fast_head_only: bool = True
-    unfreeze_blocks: int = 0
-    # optimisation
+    fast_head_only: bool = True  # cached backbone features, no augmentation; False: per-pair path, augmented
+    unfreeze_blocks: int = 0  # also train the backbone's last n blocks (per-pair path only)
+    # optimisation (AdamW; learning rates per epoch, see the class docstring)
     epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4
-    lr_blocks: float = 1e-5
+    batch_size: int = 32  # pairs
+    lr: float = 1e-4  # head_str, at the start of the warm-up
+    lr_blocks: float = 1e-5  # the unfrozen backbone blocks
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
     warmup_multiplier: float = 4.0
-    amp: bool = False
-    # model selection and stopping
-    select_metric: str = "eer"
-    patience: int = 5
-    min_improvement: float = 0.01
+    amp: bool = False  # float16 autocast for the backbone on CUDA; the EMD stays float64
+    # model selection and early stopping, on the validation set
+    select_metric: str = "eer"  # eer | loss, lower is better
+    patience: int = 5  # epochs without improvement before stopping
+    min_improvement: float = 0.01  # relative: a new best must be below best * (1 - min_improvement)
     # feature cache (fast path and evaluation)
-    feature_dtype: str = "float32"
-    feature_dir: str = ""
-    eval_batch_size: int = 64
+    feature_dtype: str = "float32"  # float32 | float16 (half the memory, distances within ~1e-2)
+    feature_dir: str = ""  # empty: features in RAM; a folder: memory-mapped files there
+    eval_batch_size: int = 64  # images per backbone pass and pairs per evaluation batch
     # checkpoints and reproducibility
-    keep_last: int = 2
+    keep_last: int = 2  # per-epoch checkpoints kept, besides best.pt
     seed: int = 42
-    device: str = "auto"
-    # model options
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda[:n]
+    # model options, read by ViT_for_OSV_DSNet (spec section 1)
     emd: bool = True
     dis_type: str = "cos"
     mar_type: str = "uniform"
@@ -1250,9 +1250,9 @@ def fit(
     ``epoch_NNNN.pt`` (the newest ``keep_last`` are kept) and, on a new best
     validation metric, ``best.pt``. Before the first epoch of a new run the
     untrained model is validated (history entry 0, also a candidate for
-    ``best.pt``) and saved as ``epoch_0000.pt``. Interrupting loses at most the current epoch; calling
-    ``prepare_run`` and ``fit`` again continues exactly where the last
-    checkpoint left off.
+    ``best.pt``) and saved as ``epoch_0000.pt``. Interrupting loses at most
+    the current epoch; calling ``prepare_run`` and ``fit`` again continues
+    exactly where the last checkpoint left off.
 
     Args:
         run: from ``prepare_run``.
@@ -1319,11 +1319,10 @@ def fit(
                                              amp=config.amp, epoch=epoch, progress=progress)
                 metrics = run_validation()
             except NonFiniteLossError as error:
-                last = find_latest_checkpoint(run.ckpt_dir)
-                kept = f"the last good checkpoint is {last} (epoch {run.epoch})" if last else "no epoch was completed"
                 raise NonFiniteLossError(
-                    f"{error}. Training stopped; {kept}. Lower the learning rate (lr={config.lr}), "
-                    "or check the data for blank or broken images."
+                    f"{error}. Training stopped; the last good checkpoint is "
+                    f"{epoch_checkpoint_path(run.ckpt_dir, run.epoch)} (epoch {run.epoch}). "
+                    f"Lower the learning rate (lr={config.lr}), or check the data for blank or broken images."
                 ) from error
             run.scheduler.step()
             run.epoch = epoch

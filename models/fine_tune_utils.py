@@ -62,11 +62,14 @@ def keep_frozen_modules_in_eval(model: nn.Module) -> nn.Module:
     The model itself still switches mode (``ViT_for_OSV_DSNet`` picks its
     Sinkhorn epsilon from ``model.training``). Returns ``model``.
     """
-    if not isinstance(getattr(model, "train", None), types.MethodType) or \
-            model.train.__func__ is not _train_keeping_frozen_modules_in_eval:
+    if not _keeps_frozen_modules_in_eval(model):
         model.train = types.MethodType(_train_keeping_frozen_modules_in_eval, model)
     model.train(model.training)
     return model
+
+
+def _keeps_frozen_modules_in_eval(model: nn.Module) -> bool:
+    return getattr(model.train, "__func__", None) is _train_keeping_frozen_modules_in_eval
 
 
 def setup_head_only_finetune(model: nn.Module) -> nn.Module:
@@ -121,8 +124,8 @@ def unfreeze_last_blocks(model: nn.Module, n: int, lr_blocks: float = 1e-5) -> l
     parameters = [parameter for module in modules for parameter in module.parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
-    if isinstance(model.train, types.MethodType) and model.train.__func__ is _train_keeping_frozen_modules_in_eval:
-        model.train(model.training)
+    if _keeps_frozen_modules_in_eval(model):
+        model.train(model.training)  # the newly trainable blocks take the model's mode
     return [{"params": parameters, "lr": lr_blocks, "name": f"backbone_last_{n}_blocks"}]
 
 
