@@ -64,24 +64,22 @@ def sinkhorn_emd(
         log_nu = torch.log(col_valid.double() / n_cols + 1e-8)
         nonempty = row_valid.any(1) & col_valid.any(1)
 
-        def log_plan(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            scaled = (-cost + u[:, :, None] + v[:, None, :]) / eps
-            return scaled.masked_fill(~valid, _LOG_ZERO)
-
-        u = torch.zeros_like(log_mu)
-        v = torch.zeros_like(log_nu)
+        # Potentials in units of eps (a = u / eps, b = v / eps): the spec's update
+        # u <- eps * (log mu - logsumexp((-C + u + v) / eps)) + u simplifies to
+        # a <- log mu - logsumexp(-C / eps + b), which needs one pass per half-step.
+        scaled_cost = (-cost / eps).masked_fill(~valid, _LOG_ZERO)
+        a = torch.zeros_like(log_mu)
+        b = torch.zeros_like(log_nu)
         active = nonempty.clone()
         for _ in range(max_iter):
             if not active.any():
                 break
-            u_old = u
-            u_new = eps * (log_mu - torch.logsumexp(log_plan(u, v), dim=2)) + u
-            u = torch.where(active[:, None] & row_valid, u_new, u)
-            v_new = eps * (log_nu - torch.logsumexp(log_plan(u, v), dim=1)) + v
-            v = torch.where(active[:, None] & col_valid, v_new, v)
-            error = (u - u_old).abs().sum(1)
+            a_old = a
+            a = torch.where(active[:, None] & row_valid, log_mu - torch.logsumexp(scaled_cost + b[:, None, :], dim=2), a)
+            b = torch.where(active[:, None] & col_valid, log_nu - torch.logsumexp(scaled_cost + a[:, :, None], dim=1), b)
+            error = eps * (a - a_old).abs().sum(1)
             active = active & (error >= stop_threshold)
-        plan = torch.exp(log_plan(u, v))
+        plan = torch.exp(scaled_cost + a[:, :, None] + b[:, None, :])
         distance = (plan * cost).sum(dim=(1, 2))
         distance = torch.where(nonempty, distance, torch.zeros_like(distance))
     return distance.to(out_dtype)
