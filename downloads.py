@@ -20,8 +20,9 @@ import sys
 import tarfile
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -85,6 +86,55 @@ def persistent_dir(*parts: str, local_root: Path = Path(".")) -> Path:
     my_drive = mount_drive()
     root = my_drive / "detailsemnet" if my_drive is not None else Path(local_root)
     return root.joinpath(*parts)
+
+
+@dataclass(frozen=True)
+class NotebookSetup:
+    """The notebook's folder parameters with their defaults filled in (see resolve_notebook_setup)."""
+
+    demo: bool
+    dataset: str
+    data_root: Path
+    ckpt_dir: Path
+    download_dir: Path
+    demo_settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def config_overrides(self) -> dict[str, Any]:
+        """FinetuneConfig settings that replace the notebook's parameters: the folders, and in the demo its settings."""
+        folders = {"dataset": self.dataset, "data_root": str(self.data_root), "ckpt_dir": str(self.ckpt_dir)}
+        return {**folders, **(dict(self.demo_settings) if self.demo else {})}
+
+
+def resolve_notebook_setup(
+    dataset: str,
+    data_root: str,
+    ckpt_dir: str,
+    demo: bool | None = None,
+    download_dir: str = "",
+    demo_settings: Mapping[str, Any] | None = None,
+) -> NotebookSetup:
+    """Fill in the defaults of the notebook's folder parameters (mounting Drive in Colab).
+
+    demo None means "the demo when no dataset is named". Empty ckpt_dir and
+    download_dir go to persistent_dir (Google Drive in Colab, so they survive
+    a disconnect); the demo's synthetic corpus goes to data/demo (it is
+    remade in seconds). demo_settings (e.g. a smaller image size) apply only
+    in the demo, through config_overrides().
+    """
+    demo = not dataset if demo is None else bool(demo)
+    if not demo and not dataset:
+        raise ValueError("DATASET is empty and DEMO is False. Fix: set DATASET to 'cedar', 'gpds' or 'bhsig', or DEMO = True.")
+    if not demo and not data_root:
+        raise ValueError(f"DATA_ROOT is empty. Fix: set it to the {dataset} dataset's root folder.")
+    run_name = "demo" if demo else dataset.lower()
+    return NotebookSetup(
+        demo=demo,
+        dataset="cedar" if demo else dataset.lower(),
+        data_root=Path(data_root) if data_root else Path("data") / "demo",
+        ckpt_dir=Path(ckpt_dir) if ckpt_dir else persistent_dir("checkpoints", run_name),
+        download_dir=Path(download_dir) if download_dir else persistent_dir("downloads", local_root=Path("data")),
+        demo_settings=dict(demo_settings or {}),
+    )
 
 
 def missing_requirements(requirements_file: Path | str) -> list[str]:

@@ -1,0 +1,157 @@
+"""training.ipynb executed for real (papermill, a fresh kernel each time) in DEMO mode with tiny settings.
+
+One run, then two simulated disconnects: a runtime restart (parameters cell
++ PART 6 onward) and a "Run all". Because resume is exact, the resumed runs
+must end with the very weights of the uninterrupted one, and the history
+must list every epoch once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import torch
+
+from prepare_datasets import make_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "training.ipynb"
+EPOCHS = 3
+PART_TITLES = [
+    "Setup and downloads", "Pair files", "Imports", "Model", "Data", "Optimizer, schedule and resume",
+    "Training", "Evaluation on the test split", "Cross-dataset evaluation", "Plots and exports",
+]
+
+
+@pytest.fixture(scope="module")
+def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A kernel spec running this interpreter, first on JUPYTER_PATH: no `ipykernel install` needed in a fresh venv."""
+    jupyter_path = tmp_path_factory.mktemp("jupyter")
+    spec_dir = jupyter_path / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", str(jupyter_path))
+        yield "python3"
+
+
+def code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def stream_text(notebook: nbformat.NotebookNode) -> str:
+    return "".join(out.get("text", "") for cell in code_cells(notebook) for out in cell.get("outputs", []))
+
+
+def tiny_parameters(work: Path) -> dict:
+    return {
+        "CKPT_DIR": str(work / "ckpt"),
+        "DOWNLOAD_DIR": str(work / "downloads"),
+        "DATA_ROOT": str(work / "demo"),
+        "VAL_RATIO": 0.25,
+        "DEMO_CORPUS": {"n_writers": 4, "n_genuine": 4, "n_forged": 3, "image_size": 96},
+        # keep_last=EPOCHS keeps every epoch's checkpoint, so a disconnect can be simulated at any epoch.
+        "DEMO_SETTINGS": {"image_size": 64, "epochs": EPOCHS, "lr": 1e-3, "batch_size": 16, "keep_last": EPOCHS},
+    }
+
+
+def execute(source: Path, output: Path, parameters: dict, kernel_name: str) -> nbformat.NotebookNode:
+    papermill.execute_notebook(
+        str(source), str(output), parameters=parameters, kernel_name=kernel_name, cwd=str(ROOT), progress_bar=False,
+    )
+    return nbformat.read(output, as_version=4)
+
+
+def restart_notebook(path: Path) -> Path:
+    """What a user runs after a runtime restart: the parameters cell, then PART 6 onward."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    cells = code_cells(notebook)
+    part_6 = next(i for i, cell in enumerate(cells) if cell.source.startswith("# PART 6"))
+    notebook.cells = [cells[0], *cells[part_6:]]
+    nbformat.write(notebook, path)
+    return path
+
+
+def saved_run(ckpt_dir: Path, epoch: int) -> tuple[list[int], torch.Tensor]:
+    checkpoint = torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)
+    return checkpoint["history"]["epoch"], checkpoint["model_state_dict"]["head_str.weight"]
+
+
+def test_committed_notebook_is_the_generator_output() -> None:
+    result = subprocess.run([sys.executable, "tools/make_notebook.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_parameters_cell_first_then_the_ten_parts() -> None:
+    cells = code_cells(nbformat.read(NOTEBOOK, as_version=4))
+    assert cells[0].metadata.get("tags") == ["parameters"]
+    names: dict = {}
+    exec(cells[0].source, names)  # plain assignments only
+    for name in ("DATASET", "DATA_ROOT", "PRETRAINED", "GDRIVE_IDS", "CKPT_DIR", "EPOCHS", "BATCH_SIZE", "LR",
+                 "WARMUP_EPOCHS", "PATIENCE", "FAST_HEAD_ONLY", "IMAGE_SIZE", "SEED", "DEMO"):
+        assert name in names, name
+    assert names["DATASET"] == "" and names["DEMO"] is None, "the demo must be the default"
+    assert [cell.source.splitlines()[0].split(" - ")[0] for cell in cells[1:]] == [f"# PART {n}" for n in range(1, 11)]
+    markdown = [cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "markdown"]
+    assert [f"## PART {n}: {title}" for n, title in enumerate(PART_TITLES, start=1)] == markdown[1:]
+
+
+def test_demo_defaults_match_the_command_line_demo() -> None:
+    import finetune
+
+    names: dict = {}
+    exec(code_cells(nbformat.read(NOTEBOOK, as_version=4))[0].source, names)
+    demo_parser = finetune.build_parser()._subparsers._group_actions[0].choices["demo"]
+    defaults = {key: demo_parser.get_default(key) for key in names["DEMO_SETTINGS"]}
+    assert defaults == names["DEMO_SETTINGS"]
+    corpus = names["DEMO_CORPUS"]
+    assert (corpus["n_writers"], corpus["n_genuine"], corpus["image_size"]) == (
+        demo_parser.get_default("writers"), demo_parser.get_default("samples"), demo_parser.get_default("canvas"))
+
+
+def test_demo_runs_and_resumes_after_restart_and_after_run_all(tmp_path: Path, kernel_name: str) -> None:
+    parameters = tiny_parameters(tmp_path)
+    ckpt_dir = tmp_path / "ckpt"
+
+    # 1. The whole notebook, uninterrupted, with a second corpus for the cross-dataset part.
+    other = tmp_path / "other"
+    make_synthetic_dataset(other, "cedar", n_writers=4, n_genuine=3, n_forged=2, seed=7, image_size=96, progress=False)
+    first = execute(NOTEBOOK, tmp_path / "first.ipynb", {**parameters, "CROSS_DATASETS": [["cedar", str(other)]]}, kernel_name)
+    assert "new run" in stream_text(first)
+    history, final_head = saved_run(ckpt_dir, EPOCHS)
+    assert history == list(range(EPOCHS + 1))  # epoch 0 is the model before fine-tuning
+    for name in ("test_metrics.json", "val_metrics.json", "history.json", "history.png", "test_roc.png", "best_weights.pth"):
+        assert (ckpt_dir / name).is_file(), name
+    assert json.loads((ckpt_dir / "cross_cedar_other_metrics.json").read_text())["n_genuine"] > 0
+    assert json.loads((ckpt_dir / "history.json").read_text())["epoch"] == history
+
+    # 2. A disconnect during the last epoch, then a runtime restart: parameters cell + PART 6 onward.
+    (ckpt_dir / f"epoch_{EPOCHS:04d}.pt").unlink()
+    (ckpt_dir / "test_metrics.json").unlink()
+    restarted = execute(restart_notebook(tmp_path / "restart.ipynb"), tmp_path / "restarted.ipynb", parameters, kernel_name)
+    assert f"epoch_{EPOCHS - 1:04d}.pt after epoch {EPOCHS - 1}" in stream_text(restarted)
+    history, head = saved_run(ckpt_dir, EPOCHS)
+    assert history == list(range(EPOCHS + 1)), "an epoch was repeated or skipped"
+    assert torch.equal(head, final_head), "the resumed run must end where the uninterrupted one did"
+    assert (ckpt_dir / "test_metrics.json").is_file(), "PARTs 8-10 ran after the restart"
+
+    # 3. A disconnect after epoch 1, then Runtime > Run all: corpus and pair files reused, training continues.
+    for epoch in range(2, EPOCHS + 1):
+        (ckpt_dir / f"epoch_{epoch:04d}.pt").unlink()
+    kept_files = sorted((tmp_path / "demo").glob("*.txt")) + sorted((tmp_path / "demo" / "full_org").iterdir())
+    times_before = [path.stat().st_mtime_ns for path in kept_files]
+    run_all = execute(NOTEBOOK, tmp_path / "run_all.ipynb", parameters, kernel_name)
+    output = stream_text(run_all)
+    assert "epoch_0001.pt after epoch 1" in output and "(reused)" in output
+    assert [path.stat().st_mtime_ns for path in kept_files] == times_before, "corpus or pair files were rewritten"
+    history, head = saved_run(ckpt_dir, EPOCHS)
+    assert history == list(range(EPOCHS + 1))
+    assert torch.equal(head, final_head)

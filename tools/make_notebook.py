@@ -1,0 +1,176 @@
+"""Write training.ipynb from the cell sources below (python tools/make_notebook.py [--check]).
+
+The notebook is generated so that its cells stay reviewable as plain text and
+its JSON stays stable: fixed cell ids, no outputs. --check exits 1 when the
+committed notebook differs from what this script writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "training.ipynb"
+
+INTRO = """\
+# Fine-tuning DetailSemNet for offline signature verification
+
+Head-only fine-tuning of DetailSemNet (ECCV 2024): the backbone stays frozen, `head_str` learns.
+With `DATASET = ""` the notebook runs a **demo** on a synthetic corpus (a few minutes on a CPU).
+
+**Colab quick start:** Runtime > Change runtime type > GPU; set `REPO_URL`, `DATASET`, `DATA_ROOT`,
+`GDRIVE_IDS` and `PRETRAINED` in the parameters cell; Runtime > Run all. Checkpoints go to Google Drive.
+
+**After a disconnect:** Runtime > Run all. Downloads and pair files are skipped and training continues
+from the last finished epoch. **After a runtime restart**, running the parameters cell and then PART 6
+onward does the same."""
+
+PARAMETERS = """\
+# Parameters (papermill can set any of them). DATASET = "" runs the demo on a synthetic corpus.
+DATASET = ""            # cedar, gpds or bhsig; empty = the demo
+DATA_ROOT = ""          # the dataset's root, e.g. "data/CEDAR" (the folder holding full_org/ and full_forg/)
+PRETRAINED = ""         # DetailSemNet weights: a .pth path, a Google Drive file id or link; empty = a fresh backbone
+GDRIVE_IDS = {}         # downloaded first: {"CEDAR.zip": "<Drive file id>"} or {"CEDAR.zip": {"id": "...", "md5": "..."}}
+EXTRACT_DIR = "data"    # archives from GDRIVE_IDS are extracted here (local disk: fast to read)
+CKPT_DIR = ""           # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect)
+EPOCHS = 10
+BATCH_SIZE = 32
+LR = 1e-4               # head_str learning rate at the start of the warm-up (it peaks at 4x)
+WARMUP_EPOCHS = 1
+PATIENCE = 5            # stop after this many epochs without a better validation EER
+FAST_HEAD_ONLY = True   # True: each image through the backbone once, then only head_str trains (fast, no augmentation)
+                        # False: every pair through the backbone every epoch, with augmentation (slow)
+IMAGE_SIZE = 224        # model input side, a multiple of 32
+SEED = 42
+VAL_RATIO = 0.1         # share of writers held out for validation (it picks the best epoch)
+CROSS_DATASETS = []     # PART 9: other datasets to test on, e.g. [("bhsig", "data/BHSig260/Hindi")]
+DEMO = None             # None: the demo when DATASET is ""
+DEMO_CORPUS = {"n_writers": 12, "n_genuine": 12, "n_forged": 12, "image_size": 256}  # the synthetic corpus
+DEMO_SETTINGS = {"image_size": 128, "epochs": 8, "lr": 1e-3}  # replace the settings above in the demo (CPU-sized)
+DOWNLOAD_DIR = ""       # "": Google Drive in Colab, else data/downloads
+PROJECT_DIR = "."       # this project's folder; in Colab e.g. "/content/detailsemnet" (cloned from REPO_URL if missing)
+REPO_URL = ""           # git URL of this project, for Colab"""
+
+PARTS = [
+    ("Setup and downloads", """\
+# PART 1 - Setup and downloads. Safe to rerun: whatever is already there is skipped.
+import os
+if not os.path.isfile(os.path.join(PROJECT_DIR, "downloads.py")):  # Colab opened this notebook on its own
+    !git clone -q --depth 1 {REPO_URL} {PROJECT_DIR}
+os.chdir(PROJECT_DIR)
+import downloads
+if downloads.missing_requirements("requirements.txt"):
+    %pip install -q -r requirements.txt
+import prepare_datasets
+setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, DEMO_SETTINGS)  # mounts Drive in Colab
+downloads.fetch_all(GDRIVE_IDS, setup.download_dir, extract_to=EXTRACT_DIR)
+pretrained_path = downloads.resolve_pretrained(PRETRAINED, setup.download_dir)
+if setup.demo:
+    corpus = prepare_datasets.ensure_synthetic_dataset(setup.data_root, layout="cedar", seed=SEED, **DEMO_CORPUS)
+    print(f"demo corpus: {corpus['counts']['files']} scans in {setup.data_root} ({'reused' if corpus['reused'] else 'new'})")
+print(setup)"""),
+    ("Pair files", """\
+# PART 2 - Pair files: written once, then reused while they stay valid.
+pair_files = prepare_datasets.ensure_pair_files(setup.dataset, setup.data_root, val_ratio=VAL_RATIO, random_state=SEED)
+print(pair_files)"""),
+    ("Imports", """\
+# PART 3 - Imports
+import dataclasses
+import torch
+from IPython.display import Image, display
+from models.fine_tune_utils import print_trainable_params, setup_head_only_finetune
+from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, export_state_dict, fit,
+                            load_checkpoint, plot_training_history, prepare_run, save_metrics_json)
+print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU'}")"""),
+    ("Model", """\
+# PART 4 - Model: build, load the pretrained weights, freeze all but head_str, show what trains.
+config = FinetuneConfig.from_parameters(globals(), pretrained=str(pretrained_path or ""), **setup.config_overrides())
+model = build_model(config)
+trainable = print_trainable_params(setup_head_only_finetune(model))"""),
+    ("Data", """\
+# PART 5 - Data: the pair datasets (fit makes the loaders: cached features on the fast path, image pairs otherwise).
+datasets = build_datasets(config)
+print("\\n".join(f"{split:5s} {dataset}" for split, dataset in datasets.items()))"""),
+    ("Optimizer, schedule and resume", """\
+# PART 6 - Optimizer, schedule, and resume from the newest valid checkpoint in the checkpoint folder.
+# After a runtime restart: run the parameters cell, then this cell onward.
+if "datasets" not in globals():  # a fresh runtime: redo PARTs 1 and 3-5 in memory (their files are kept)
+    import os; os.chdir(PROJECT_DIR)
+    import dataclasses, downloads, prepare_datasets, torch
+    from IPython.display import Image, display
+    from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, export_state_dict, fit,
+                                load_checkpoint, plot_training_history, prepare_run, save_metrics_json)
+    setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, DEMO_SETTINGS)
+    pretrained_path = downloads.resolve_pretrained(PRETRAINED, setup.download_dir)
+    config = FinetuneConfig.from_parameters(globals(), pretrained=str(pretrained_path or ""), **setup.config_overrides())
+    model = build_model(config)
+    datasets = build_datasets(config)
+run = prepare_run(model, config)
+print(f"{run.epoch} of {config.epochs} epochs done; checkpoints in {run.ckpt_dir}")"""),
+    ("Training", """\
+# PART 7 - Training: one checkpoint an epoch; an interruption loses at most the current epoch.
+run = fit(run, datasets["train"], datasets["val"])"""),
+    ("Evaluation on the test split", """\
+# PART 8 - The best model on the validation and test splits (the validation EER threshold is what `finetune.py verify` uses).
+load_checkpoint(run.best_checkpoint, model=run.model)
+report = {split: evaluate_and_report(run.model, datasets[split], run.ckpt_dir, split, config) for split in ("val", "test")}
+test = report["test"]
+print(f"best epoch {run.best_epoch}: test EER {test['eer']:.2%}, accuracy {test['accuracy']:.2%}, AUC {test['auc']:.4f}")
+display(Image(filename=str(run.ckpt_dir / "test_scores.png")))"""),
+    ("Cross-dataset evaluation", """\
+# PART 9 - Cross-dataset evaluation: the best model on the test split of each of CROSS_DATASETS.
+for other_dataset, other_root in CROSS_DATASETS:
+    prepare_datasets.ensure_pair_files(other_dataset, other_root, random_state=SEED)
+    other_config = dataclasses.replace(config, dataset=other_dataset, data_root=str(other_root))
+    other = evaluate_and_report(run.model, build_datasets(other_config, splits=("test",))["test"], run.ckpt_dir,
+                                f"cross_{other_dataset}_{os.path.basename(os.path.normpath(other_root))}", config)
+    print(f"{other_dataset} at {other_root}: EER {other['eer']:.2%}, AUC {other['auc']:.4f}")
+print(f"{len(CROSS_DATASETS)} other datasets evaluated")"""),
+    ("Plots and exports", """\
+# PART 10 - Plots and exports: training curves, history JSON, and the best weights as a plain state dict.
+save_metrics_json(run.history, run.ckpt_dir / "history.json")
+display(Image(filename=str(plot_training_history(run.history, run.ckpt_dir / "history.png"))))
+display(Image(filename=str(run.ckpt_dir / "test_roc.png")))
+weights = export_state_dict(run.best_checkpoint, run.ckpt_dir / "best_weights.pth")
+print(f"In {run.ckpt_dir}: {weights.name} (model_v3.load_pretrained reads it), best.pt, *_metrics.json, *.png")"""),
+]
+
+
+def build_notebook() -> nbformat.NotebookNode:
+    cells = [
+        nbformat.v4.new_markdown_cell(INTRO, id="intro"),
+        nbformat.v4.new_code_cell(PARAMETERS, id="parameters", metadata={"tags": ["parameters"]}),
+    ]
+    for number, (title, source) in enumerate(PARTS, start=1):
+        cells.append(nbformat.v4.new_markdown_cell(f"## PART {number}: {title}", id=f"part-{number}-title"))
+        cells.append(nbformat.v4.new_code_cell(source, id=f"part-{number}"))
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    notebook.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        "accelerator": "GPU",  # Colab opens it on a GPU runtime
+        "colab": {"provenance": []},
+    }
+    return notebook
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when training.ipynb is not this script's output")
+    args = parser.parse_args(argv)
+    text = nbformat.writes(build_notebook()) + "\n"
+    if args.check:
+        if NOTEBOOK.read_text() != text:
+            print(f"{NOTEBOOK} is out of date: run python tools/make_notebook.py", file=sys.stderr)
+            return 1
+        return 0
+    NOTEBOOK.write_text(text)
+    print(f"wrote {NOTEBOOK}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
