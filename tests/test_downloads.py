@@ -247,3 +247,20 @@ def test_outside_colab_nothing_is_mounted(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert not downloads.in_colab()
     assert downloads.mount_drive() is None
     assert downloads.persistent_dir("checkpoints", "run", local_root=tmp_path) == tmp_path / "checkpoints" / "run"
+
+
+def test_notebook_setup_defaults_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    demo = downloads.resolve_notebook_setup("", "", "", None, "", 0.1, {"epochs": 2, "val_ratio": 0.25})
+    assert demo.demo and demo.dataset == "cedar" and demo.val_ratio == 0.25
+    assert demo.ckpt_dir == Path("checkpoints/demo") and demo.data_root == Path("data/demo")
+    assert demo.config_overrides() == {"dataset": "cedar", "data_root": "data/demo", "ckpt_dir": "checkpoints/demo", "epochs": 2}
+
+    real = downloads.resolve_notebook_setup("CEDAR", "/data/CEDAR", "/ckpt", None, "", 0.1, {"epochs": 2, "val_ratio": 0.25})
+    assert not real.demo and real.dataset == "cedar" and real.val_ratio == 0.1
+    assert real.config_overrides() == {"dataset": "cedar", "data_root": "/data/CEDAR", "ckpt_dir": "/ckpt"}
+
+    with pytest.raises(ValueError, match="DATA_ROOT is empty"):
+        downloads.resolve_notebook_setup("cedar", "", "", None)
+    with pytest.raises(ValueError, match="DATASET is empty and DEMO is False"):
+        downloads.resolve_notebook_setup("", "", "", False)

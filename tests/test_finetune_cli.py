@@ -1,0 +1,155 @@
+"""finetune.py run as a user runs it (a subprocess) on tiny synthetic corpora: each subcommand, each bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prepare_datasets import make_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3"]
+
+
+def finetune(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "finetune.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    message = result.stderr.strip()
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(message.splitlines()) == 1 and message.startswith("error: "), message
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = finetune("demo", "--out", out, "--writers", "4", "--samples", "4", "--canvas", "96",
+                      "--val-ratio", "0.25", *TINY_TRAINING)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Test EER before fine-tuning" in result.stdout and str(out.resolve()) in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cedar")
+    make_synthetic_dataset(root, "cedar", n_writers=5, n_genuine=4, n_forged=3, seed=3, image_size=96, progress=False)
+    return root
+
+
+def history_of(checkpoint: Path) -> list[int]:
+    return torch.load(checkpoint, weights_only=True)["history"]["epoch"]
+
+
+def test_help_on_every_subcommand() -> None:
+    for command in ("demo", "prepare", "train", "evaluate", "verify"):
+        result = finetune(command, "--help")
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: finetune.py {command}"), result.stderr
+
+
+def test_demo_writes_metrics_plots_and_weights(demo_run: Path) -> None:
+    for name in ("test_before_metrics.json", "test_metrics.json", "val_metrics.json", "history.json", "history.png",
+                 "test_roc.png", "test_scores.png", "best.pt", "best_weights.pth"):
+        assert (demo_run / name).is_file(), name
+    assert history_of(demo_run / "best.pt")[0] == 0
+    assert json.loads((demo_run / "history.json").read_text())["epoch"] == [0, 1, 2]
+
+
+def test_evaluate_and_verify_a_run(demo_run: Path) -> None:
+    result = finetune("evaluate", "--run", demo_run, "--split", "val", "--name", "again")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((demo_run / "again_metrics.json").read_text())["eer"] == json.loads(
+        (demo_run / "val_metrics.json").read_text())["eer"]
+
+    data = demo_run / "data"
+    threshold = json.loads((demo_run / "val_metrics.json").read_text())["threshold"]
+    result = finetune("verify", data / "full_org/original_1_1.png", data / "full_forg/forgeries_1_1.png", "--run", demo_run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"threshold {threshold:.6g}" in result.stdout and ("GENUINE" in result.stdout or "FORGED" in result.stdout)
+    result = finetune("verify", data / "full_org/original_1_1.png", data / "full_org/original_1_2.png",
+                      "--run", demo_run / "best.pt", "--threshold", "1e9")
+    assert result.returncode == 0 and "GENUINE" in result.stdout
+
+
+def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> None:
+    result = finetune("prepare", "cedar", corpus, "--val-ratio", "0.2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all((corpus / f"gray_{split}.txt").is_file() for split in ("train", "val", "test"))
+
+    out = tmp_path / "run"
+    result = finetune("train", "cedar", corpus, "--out", out, *TINY_TRAINING)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test EER" in result.stdout and (out / "test_metrics.json").is_file()
+    final_weights = torch.load(out / "epoch_0002.pt", weights_only=True)["model_state_dict"]["head_str.weight"]
+
+    # Stopped during epoch 2: the same command continues from epoch 1, to the same weights.
+    (out / "epoch_0002.pt").unlink()
+    result = finetune("train", "cedar", corpus, "--out", out, *TINY_TRAINING)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "after epoch 1" in result.stderr + result.stdout
+    assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
+    assert torch.equal(torch.load(out / "epoch_0002.pt", weights_only=True)["model_state_dict"]["head_str.weight"],
+                       final_weights)
+
+    result = finetune("train", "cedar", corpus, "--out", out, "--no-resume", *TINY_TRAINING)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "new run" in result.stderr + result.stdout
+    (previous,) = out.glob("previous-*")
+    assert sorted(path.name for path in previous.iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(finetune("train", "cedar", missing, "--out", tmp_path / "run"), str(missing), "Fix:")
+    assert_one_line_error(finetune("prepare", "cedar", missing), str(missing))
+    assert_one_line_error(finetune("evaluate", "--run", tmp_path), "best.pt", "Fix:")
+
+
+def test_bad_pair_file(corpus: Path, tmp_path: Path) -> None:
+    bad_root = tmp_path / "bad"
+    shutil.copytree(corpus, bad_root)
+    lines = (bad_root / "gray_train.txt").read_text().splitlines()
+    lines[2] = "full_org/original_1_1.png only-two-fields"
+    (bad_root / "gray_train.txt").write_text("\n".join(lines) + "\n")
+    (bad_root / "gray_val.txt").write_text("full_org/original_1_1.png\tfull_org/original_1_2.png\t1\n")
+    (bad_root / "gray_test.txt").write_text("full_org/original_1_1.png\tfull_org/original_1_2.png\t1\n")
+    assert_one_line_error(finetune("train", "cedar", bad_root, "--out", tmp_path / "run", *TINY_TRAINING),
+                          "gray_train.txt", "line 3")
+
+
+def test_wrong_checkpoint(demo_run: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((demo_run / "best.pt").read_bytes()[:5000])  # a download cut short
+    assert_one_line_error(finetune("evaluate", "--run", broken), "broken.pt")
+
+    weights_only = demo_run / "best_weights.pth"  # plain weights, not a run's checkpoint
+    assert_one_line_error(finetune("verify", "a.png", "b.png", "--run", weights_only), "best_weights.pth")
+
+    other_model = tmp_path / "other_model.pth"  # weights of some other network
+    torch.save({"backbone.conv.weight": torch.zeros(3, 3)}, other_model)
+    assert_one_line_error(
+        finetune("train", "cedar", demo_run / "data", "--out", tmp_path / "run", "--pretrained", other_model, *TINY_TRAINING),
+        "other_model.pth", "missing keys",
+    )
+
+
+def test_bad_settings_and_missing_image(demo_run: Path, tmp_path: Path) -> None:
+    assert_one_line_error(finetune("demo", "--out", tmp_path / "demo", "--image-size", "100"), "multiple of 32")
+    assert_one_line_error(
+        finetune("verify", tmp_path / "missing.png", demo_run / "data/full_org/original_1_1.png", "--run", demo_run),
+        "missing.png",
+    )
