@@ -97,12 +97,14 @@ class NotebookSetup:
     data_root: Path
     ckpt_dir: Path
     download_dir: Path
+    val_ratio: float
     demo_settings: Mapping[str, Any] = field(default_factory=dict)
 
     def config_overrides(self) -> dict[str, Any]:
         """FinetuneConfig settings that replace the notebook's parameters: the folders, and in the demo its settings."""
         folders = {"dataset": self.dataset, "data_root": str(self.data_root), "ckpt_dir": str(self.ckpt_dir)}
-        return {**folders, **(dict(self.demo_settings) if self.demo else {})}
+        demo = {key: value for key, value in self.demo_settings.items() if key != "val_ratio"} if self.demo else {}
+        return {**folders, **demo}
 
 
 def resolve_notebook_setup(
@@ -111,6 +113,7 @@ def resolve_notebook_setup(
     ckpt_dir: str,
     demo: bool | None = None,
     download_dir: str = "",
+    val_ratio: float = 0.1,
     demo_settings: Mapping[str, Any] | None = None,
 ) -> NotebookSetup:
     """Fill in the defaults of the notebook's folder parameters (mounting Drive in Colab).
@@ -118,14 +121,16 @@ def resolve_notebook_setup(
     demo None means "the demo when no dataset is named". Empty ckpt_dir and
     download_dir go to persistent_dir (Google Drive in Colab, so they survive
     a disconnect); the demo's synthetic corpus goes to data/demo (it is
-    remade in seconds). demo_settings (e.g. a smaller image size) apply only
-    in the demo, through config_overrides().
+    remade in seconds). demo_settings apply only in the demo: "val_ratio"
+    replaces val_ratio, the other keys are FinetuneConfig settings returned
+    by config_overrides().
     """
     demo = not dataset if demo is None else bool(demo)
     if not demo and not dataset:
         raise ValueError("DATASET is empty and DEMO is False. Fix: set DATASET to 'cedar', 'gpds' or 'bhsig', or DEMO = True.")
     if not demo and not data_root:
         raise ValueError(f"DATA_ROOT is empty. Fix: set it to the {dataset} dataset's root folder.")
+    demo_settings = dict(demo_settings or {})
     run_name = "demo" if demo else dataset.lower()
     return NotebookSetup(
         demo=demo,
@@ -133,7 +138,8 @@ def resolve_notebook_setup(
         data_root=Path(data_root) if data_root else Path("data") / "demo",
         ckpt_dir=Path(ckpt_dir) if ckpt_dir else persistent_dir("checkpoints", run_name),
         download_dir=Path(download_dir) if download_dir else persistent_dir("downloads", local_root=Path("data")),
-        demo_settings=dict(demo_settings or {}),
+        val_ratio=demo_settings.get("val_ratio", val_ratio) if demo else val_ratio,
+        demo_settings=demo_settings,
     )
 
 

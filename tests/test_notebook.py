@@ -56,10 +56,9 @@ def tiny_parameters(work: Path) -> dict:
         "CKPT_DIR": str(work / "ckpt"),
         "DOWNLOAD_DIR": str(work / "downloads"),
         "DATA_ROOT": str(work / "demo"),
-        "VAL_RATIO": 0.25,
         "DEMO_CORPUS": {"n_writers": 4, "n_genuine": 4, "n_forged": 3, "image_size": 96},
         # keep_last=EPOCHS keeps every epoch's checkpoint, so a disconnect can be simulated at any epoch.
-        "DEMO_SETTINGS": {"image_size": 64, "epochs": EPOCHS, "lr": 1e-3, "batch_size": 16, "keep_last": EPOCHS},
+        "DEMO_SETTINGS": {"image_size": 64, "epochs": EPOCHS, "lr": 1e-3, "batch_size": 16, "keep_last": EPOCHS, "val_ratio": 0.25},
     }
 
 
@@ -110,7 +109,7 @@ def test_demo_defaults_match_the_command_line_demo() -> None:
     names: dict = {}
     exec(code_cells(nbformat.read(NOTEBOOK, as_version=4))[0].source, names)
     demo_parser = finetune.build_parser()._subparsers._group_actions[0].choices["demo"]
-    defaults = {key: demo_parser.get_default(key) for key in names["DEMO_SETTINGS"]}
+    defaults = {key: demo_parser.get_default(key) for key in names["DEMO_SETTINGS"]}  # image_size, epochs, lr, val_ratio
     assert defaults == names["DEMO_SETTINGS"]
     corpus = names["DEMO_CORPUS"]
     assert (corpus["n_writers"], corpus["n_genuine"], corpus["image_size"]) == (

@@ -49,7 +49,7 @@ VAL_RATIO = 0.1         # share of writers held out for validation (it picks the
 CROSS_DATASETS = []     # PART 9: other datasets to test on, e.g. [("bhsig", "data/BHSig260/Hindi")]
 DEMO = None             # None: the demo when DATASET is ""
 DEMO_CORPUS = {"n_writers": 12, "n_genuine": 12, "n_forged": 12, "image_size": 256}  # the synthetic corpus
-DEMO_SETTINGS = {"image_size": 128, "epochs": 8, "lr": 1e-3}  # replace the settings above in the demo (CPU-sized)
+DEMO_SETTINGS = {"image_size": 128, "epochs": 8, "lr": 1e-3, "val_ratio": 0.2}  # replace the settings above in the demo
 DOWNLOAD_DIR = ""       # "": Google Drive in Colab, else data/downloads
 PROJECT_DIR = "."       # this project's folder; in Colab e.g. "/content/detailsemnet" (cloned from REPO_URL if missing)
 REPO_URL = ""           # git URL of this project, for Colab"""
@@ -65,7 +65,7 @@ import downloads
 if downloads.missing_requirements("requirements.txt"):
     %pip install -q -r requirements.txt
 import prepare_datasets
-setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, DEMO_SETTINGS)  # mounts Drive in Colab
+setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, VAL_RATIO, DEMO_SETTINGS)  # mounts Drive in Colab
 downloads.fetch_all(GDRIVE_IDS, setup.download_dir, extract_to=EXTRACT_DIR)
 pretrained_path = downloads.resolve_pretrained(PRETRAINED, setup.download_dir)
 if setup.demo:
@@ -74,7 +74,7 @@ if setup.demo:
 print(setup)"""),
     ("Pair files", """\
 # PART 2 - Pair files: written once, then reused while they stay valid.
-pair_files = prepare_datasets.ensure_pair_files(setup.dataset, setup.data_root, val_ratio=VAL_RATIO, random_state=SEED)
+pair_files = prepare_datasets.ensure_pair_files(setup.dataset, setup.data_root, val_ratio=setup.val_ratio, random_state=SEED)
 print(pair_files)"""),
     ("Imports", """\
 # PART 3 - Imports
@@ -103,7 +103,7 @@ if "datasets" not in globals():  # a fresh runtime: redo PARTs 1 and 3-5 in memo
     from IPython.display import Image, display
     from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, export_state_dict, fit,
                                 load_checkpoint, plot_training_history, prepare_run, save_metrics_json)
-    setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, DEMO_SETTINGS)
+    setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, VAL_RATIO, DEMO_SETTINGS)
     pretrained_path = downloads.resolve_pretrained(PRETRAINED, setup.download_dir)
     config = FinetuneConfig.from_parameters(globals(), pretrained=str(pretrained_path or ""), **setup.config_overrides())
     model = build_model(config)
