@@ -135,9 +135,10 @@ def resolve_notebook_setup(
     return NotebookSetup(
         demo=demo,
         dataset="cedar" if demo else dataset.lower(),
-        data_root=Path(data_root) if data_root else Path("data") / "demo",
-        ckpt_dir=Path(ckpt_dir) if ckpt_dir else persistent_dir("checkpoints", run_name),
-        download_dir=Path(download_dir) if download_dir else persistent_dir("downloads", local_root=Path("data")),
+        # Absolute, because the paths are saved in checkpoints and pair-file records and read back from elsewhere.
+        data_root=(Path(data_root) if data_root else Path("data") / "demo").absolute(),
+        ckpt_dir=(Path(ckpt_dir) if ckpt_dir else persistent_dir("checkpoints", run_name)).absolute(),
+        download_dir=(Path(download_dir) if download_dir else persistent_dir("downloads", local_root=Path("data"))).absolute(),
         val_ratio=demo_settings.get("val_ratio", val_ratio) if demo else val_ratio,
         demo_settings=demo_settings,
     )

@@ -113,7 +113,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from training_utils import build_datasets, build_model, evaluate_and_report
 
     start = time.perf_counter()
-    out = Path(args.out)
+    # Absolute paths: they are saved in the checkpoints and read back by evaluate/verify from any folder.
+    out = Path(args.out).absolute()
     data_root = out / "data"
     pretrained = downloads.resolve_pretrained(args.pretrained, out / "downloads")
     config = _config_from_args(args, "cedar", data_root, out, pretrained)
@@ -150,7 +151,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     """Write (or check and keep) the train/val/test pair files of a dataset root."""
     from prepare_datasets import ensure_pair_files, validate_pair_file
 
-    data_root = Path(args.data_root)
+    data_root = Path(args.data_root).absolute()
     if not data_root.is_dir():
         raise FileNotFoundError(f"dataset root {data_root} not found. Fix: pass the folder that holds the {args.dataset} scans.")
     for path in ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.seed).values():
@@ -161,7 +162,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune head_str on a prepared dataset; resumes from --out unless --no-resume."""
     import downloads
 
-    data_root, out = Path(args.data_root), Path(args.out)
+    # Absolute paths: they are saved in the checkpoints and read back by evaluate/verify from any folder.
+    data_root, out = Path(args.data_root).absolute(), Path(args.out).absolute()
     if not data_root.is_dir():
         raise FileNotFoundError(f"dataset root {data_root} not found. Fix: pass the folder that holds the {args.dataset} scans.")
     pretrained = downloads.resolve_pretrained(args.pretrained, out / "downloads")
@@ -183,11 +185,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     config, model = _load_run(checkpoint)
     dataset = args.dataset or config.dataset
-    data_root = args.data_root or config.data_root
+    data_root = str(Path(args.data_root).absolute()) if args.data_root else config.data_root
     if not Path(data_root).is_dir():
         raise FileNotFoundError(f"dataset root {data_root} not found. Fix: pass --data-root with the {dataset} folder.")
-    config = dataclasses.replace(config, dataset=dataset, data_root=str(data_root))
     name = args.name or (args.split if dataset == config.dataset and not args.data_root else f"{dataset}_{args.split}")
+    config = dataclasses.replace(config, dataset=dataset, data_root=data_root)
     data = build_datasets(config, splits=(args.split,))[args.split]
     metrics = evaluate_and_report(model, data, checkpoint.parent, name, config)
     print(f"{dataset} {args.split} ({len(data)} pairs): EER {100 * metrics['eer']:.2f} %, "

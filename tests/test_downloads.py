@@ -253,8 +253,10 @@ def test_notebook_setup_defaults_and_errors(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
     demo = downloads.resolve_notebook_setup("", "", "", None, "", 0.1, {"epochs": 2, "val_ratio": 0.25})
     assert demo.demo and demo.dataset == "cedar" and demo.val_ratio == 0.25
-    assert demo.ckpt_dir == Path("checkpoints/demo") and demo.data_root == Path("data/demo")
-    assert demo.config_overrides() == {"dataset": "cedar", "data_root": "data/demo", "ckpt_dir": "checkpoints/demo", "epochs": 2}
+    assert demo.ckpt_dir == Path.cwd() / "checkpoints/demo" and demo.data_root == Path.cwd() / "data/demo"
+    assert demo.config_overrides() == {
+        "dataset": "cedar", "data_root": str(Path.cwd() / "data/demo"), "ckpt_dir": str(Path.cwd() / "checkpoints/demo"), "epochs": 2,
+    }
 
     real = downloads.resolve_notebook_setup("CEDAR", "/data/CEDAR", "/ckpt", None, "", 0.1, {"epochs": 2, "val_ratio": 0.25})
     assert not real.demo and real.dataset == "cedar" and real.val_ratio == 0.1

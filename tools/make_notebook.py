@@ -30,29 +30,30 @@ onward does the same."""
 
 PARAMETERS = """\
 # Parameters (papermill can set any of them). DATASET = "" runs the demo on a synthetic corpus.
-DATASET = ""            # cedar, gpds or bhsig; empty = the demo
-DATA_ROOT = ""          # the dataset's root, e.g. "data/CEDAR" (the folder holding full_org/ and full_forg/)
-PRETRAINED = ""         # DetailSemNet weights: a .pth path, a Google Drive file id or link; empty = a fresh backbone
-GDRIVE_IDS = {}         # downloaded first: {"CEDAR.zip": "<Drive file id>"} or {"CEDAR.zip": {"id": "...", "md5": "..."}}
-EXTRACT_DIR = "data"    # archives from GDRIVE_IDS are extracted here (local disk: fast to read)
-CKPT_DIR = ""           # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect)
-EPOCHS = 10
-BATCH_SIZE = 32
-LR = 1e-4               # head_str learning rate at the start of the warm-up (it peaks at 4x)
-WARMUP_EPOCHS = 1
-PATIENCE = 5            # stop after this many epochs without a better validation EER
-FAST_HEAD_ONLY = True   # True: each image through the backbone once, then only head_str trains (fast, no augmentation)
-                        # False: every pair through the backbone every epoch, with augmentation (slow)
-IMAGE_SIZE = 224        # model input side, a multiple of 32
-SEED = 42
-VAL_RATIO = 0.1         # share of writers held out for validation (it picks the best epoch)
-CROSS_DATASETS = []     # PART 9: other datasets to test on, e.g. [("bhsig", "data/BHSig260/Hindi")]
-DEMO = None             # None: the demo when DATASET is ""
-DEMO_CORPUS = {"n_writers": 12, "n_genuine": 12, "n_forged": 12, "image_size": 256}  # the synthetic corpus
-DEMO_SETTINGS = {"image_size": 128, "epochs": 8, "lr": 1e-3, "val_ratio": 0.2}  # replace the settings above in the demo
-DOWNLOAD_DIR = ""       # "": Google Drive in Colab, else data/downloads
-PROJECT_DIR = "."       # this project's folder; in Colab e.g. "/content/detailsemnet" (cloned from REPO_URL if missing)
-REPO_URL = ""           # git URL of this project, for Colab"""
+DATASET: str = ""               # cedar, gpds or bhsig (empty: the demo)
+DATA_ROOT: str = ""             # the dataset's root, e.g. "data/CEDAR" (the folder holding full_org/ and full_forg/)
+PRETRAINED: str = ""            # DetailSemNet weights: a .pth path, a Google Drive file id or link (empty: a fresh backbone)
+GDRIVE_IDS: dict = {}           # downloaded first: {"CEDAR.zip": "<Drive file id>"} or {"CEDAR.zip": {"id": "...", "md5": "..."}}
+EXTRACT_DIR: str = "data"       # archives from GDRIVE_IDS are extracted here (local disk: fast to read)
+CKPT_DIR: str = ""              # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect)
+EPOCHS: int = 10
+BATCH_SIZE: int = 32
+LR: float = 1e-4                # head_str learning rate at the start of the warm-up (it peaks at 4x)
+WARMUP_EPOCHS: int = 1
+PATIENCE: int = 5               # stop after this many epochs without a better validation EER
+FAST_HEAD_ONLY: bool = True     # True: each image through the backbone once, then only head_str trains (fast, no augmentation)
+                                # False: every pair through the backbone every epoch, with augmentation (slow)
+IMAGE_SIZE: int = 224           # model input side, a multiple of 32
+SEED: int = 42
+VAL_RATIO: float = 0.1          # share of writers held out for validation (it picks the best epoch)
+CROSS_DATASETS: list = []       # PART 9: other datasets to test on, e.g. [("bhsig", "data/BHSig260/Hindi")]
+DEMO: bool | None = None        # None: the demo when DATASET is ""
+# The demo's synthetic corpus, and the settings that replace those above in the demo (sized for a CPU):
+DEMO_CORPUS: dict = {"n_writers": 12, "n_genuine": 12, "n_forged": 12, "image_size": 256}
+DEMO_SETTINGS: dict = {"image_size": 128, "epochs": 8, "lr": 1e-3, "val_ratio": 0.2}
+DOWNLOAD_DIR: str = ""          # "": Google Drive in Colab, else data/downloads
+PROJECT_DIR: str = "."          # this project's folder; in Colab e.g. "/content/detailsemnet" (cloned from REPO_URL if missing)
+REPO_URL: str = ""              # git URL of this project, for Colab"""
 
 PARTS = [
     ("Setup and downloads", """\
