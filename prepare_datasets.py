@@ -648,7 +648,7 @@ def _why_not_reusable(root: Path, files: dict[str, str]) -> str | None:
     for split, path in files.items():
         if not Path(path).is_file():
             return f"{Path(path).name} is missing"
-        report = validate_pair_file(root, path, other_pair_files=[])
+        report = validate_pair_file(root, Path(path).absolute(), other_pair_files=[])
         if report.malformed or report.missing_files or report.duplicates:
             return report.summary(limit=2)
     return None
@@ -682,7 +682,8 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
     except (OSError, ValueError):
         saved = None
     if saved is not None and saved.get("arguments") == arguments:
-        files = saved["files"]
+        # Recorded relative to the root, so the record holds wherever the root is reached from.
+        files = {split: str(root / name) for split, name in saved["files"].items()}
     elif saved is None:
         files = {s: str(root / PAIR_FILES[s]) for s in (("train", "val", "test") if val_ratio > 0 else ("train", "test"))}
     else:
@@ -693,7 +694,8 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
     if any((root / f).is_file() for f in PAIR_FILES.values()):
         warnings.warn(f"rewriting the pair files in {root} ({reason})", stacklevel=2)
     result = generators[name](root, val_ratio=val_ratio, random_state=random_state, **options)
-    manifest.write_text(json.dumps({"arguments": arguments, "files": result["files"]}, indent=1))
+    relative = {split: os.path.relpath(path, root) for split, path in result["files"].items()}
+    manifest.write_text(json.dumps({"arguments": arguments, "files": relative}, indent=1))
     return result["files"]
 
 

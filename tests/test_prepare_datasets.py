@@ -357,3 +357,15 @@ def test_ensure_pair_files_keeps_your_own_valid_files(tmp_path):
         ensure_pair_files("cedar", root, val_ratio=0.34)
     with pytest.raises(ValueError, match="unknown dataset 'mcyt'"):
         ensure_pair_files("mcyt", root)
+
+
+def test_ensure_pair_files_reuses_its_record_from_a_relative_root(tmp_path, monkeypatch) -> None:
+    from prepare_datasets import ensure_pair_files, make_synthetic_dataset
+
+    make_synthetic_dataset(tmp_path / "rel" / "data", layout="cedar", n_writers=4, n_genuine=4, n_forged=4, image_size=96, progress=False)
+    monkeypatch.chdir(tmp_path)
+    first = ensure_pair_files("cedar", "rel/data", val_ratio=0.25)
+    stamp = {split: Path(path).stat().st_mtime_ns for split, path in first.items()}
+    second = ensure_pair_files("cedar", "rel/data", val_ratio=0.25)
+    assert second == first and all(Path(path).is_file() for path in second.values())
+    assert {split: Path(path).stat().st_mtime_ns for split, path in second.items()} == stamp
