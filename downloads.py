@@ -5,8 +5,8 @@ again: a file already present (and matching its MD5, when one is given) is not
 downloaded again, and an archive already extracted is not extracted again, so
 "Run all" after a Colab disconnect costs seconds.
 
-gdown is imported only when something is downloaded, so this module also works
-before the notebook has installed its requirements.
+gdown and requests are imported only when something is downloaded, so this module
+loads before the notebook has installed every requirement.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import os
 import re
-import shutil
 import sys
 import tarfile
 import zipfile

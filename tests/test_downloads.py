@@ -95,7 +95,6 @@ def test_good_file_is_downloaded_through_gdown(server: LocalServer, tmp_path: Pa
     assert path == target and target.read_bytes() == PAYLOAD
     assert not list(target.parent.glob("*.part")), "gdown's temporary file must be renamed away"
     assert server.requested == ["/model.pth"]
-    assert gdown.__version__  # the real gdown did the transfer
 
 
 def test_present_file_is_skipped_without_a_request(server: LocalServer, tmp_path: Path) -> None:

@@ -60,6 +60,9 @@ PARTS = [
 # PART 1 - Setup and downloads. Safe to rerun: whatever is already there is skipped.
 import os
 if not os.path.isfile(os.path.join(PROJECT_DIR, "downloads.py")):  # Colab opened this notebook on its own
+    if not REPO_URL:
+        raise FileNotFoundError(f"{os.path.abspath(PROJECT_DIR)} does not hold this project. "
+                                "Fix: set REPO_URL to its git URL and PROJECT_DIR to e.g. /content/detailsemnet.")
     !git clone -q --depth 1 {REPO_URL} {PROJECT_DIR}
 os.chdir(PROJECT_DIR)
 import downloads
