@@ -193,7 +193,7 @@ def _read_checkpoint(path: Path) -> Any:
             "If you trust its source, re-save only its weights: "
             "torch.save(torch.load(path, weights_only=False)['model_state_dict'], 'weights.pth')"
         ) from error
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
 
 

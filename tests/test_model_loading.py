@@ -84,5 +84,11 @@ def test_missing_corrupt_and_foreign_files(tmp_path: Path) -> None:
     corrupt.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="corrupt.pth"):
         load_pretrained(ViT_for_OSV_DSNet(), corrupt)
+    full = tmp_path / "full.pth"
+    torch.save({"w": torch.zeros(1000)}, full)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.pth is not a readable PyTorch checkpoint"):
+        load_pretrained(ViT_for_OSV_DSNet(), truncated)
     with pytest.raises(ValueError, match="holds no state dict"):
         load_pretrained(ViT_for_OSV_DSNet(), {"epoch": 3, "history": {"loss": [1.0]}})
