@@ -21,3 +21,12 @@ DATA_DIR = Path(__file__).parent / "data"
 def data_dir() -> Path:
     """Folder of the reference numbers copied from the authors' code (``tests/data``)."""
     return DATA_DIR
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: many tiny ops, where a second thread waiting for a busy core costs more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

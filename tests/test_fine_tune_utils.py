@@ -21,13 +21,7 @@ HEAD_PARAMETERS = 384 * 96 + 96
 ALL_PARAMETERS = 21_024_544
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread per test: on shared cores a second thread that waits for a busy core slows small ops many-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

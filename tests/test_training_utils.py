@@ -40,13 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread per test: on shared cores a second thread that waits for a busy core slows small ops many-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
