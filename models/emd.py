@@ -9,7 +9,6 @@ changes the distance by up to 5x (see the spec, section 3).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["pairwise_cost", "sinkhorn_emd"]
 
