@@ -29,7 +29,8 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from module.preprocess import BlankScanError, normalize_image
-from prepare_datasets import PAIR_FILES, PairFileError, existing_files, read_pair_file, resolve_pair_file
+from module.io import atomic_write
+from module.pair_files import PAIR_FILES, PairFileError, existing_files, read_pair_file, resolve_pair_file
 
 __all__ = [
     "ImageReadError",
@@ -275,11 +276,8 @@ class SignaturePairDataset(Dataset):
         except (OSError, ValueError, EOFError):
             pass  # not cached yet, or a damaged entry: compute it again
         image = _prepare_file(path, self.image_size, self.mode)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Written under a unique name, then renamed: DataLoader workers may race on one entry.
-        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, image)
-        os.replace(tmp, cache_file)
+        # Atomic under a unique temporary name: DataLoader workers may race on one entry.
+        atomic_write(cache_file, lambda file: np.save(file, image))
         return image
 
     def __repr__(self) -> str:

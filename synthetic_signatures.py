@@ -35,6 +35,8 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm.auto import tqdm
 
+from module.io import atomic_write_text
+
 LAYOUTS = ("cedar", "gpds", "bhsig")
 # Written into a corpus's root when it is complete; see ensure_synthetic_dataset.
 MANIFEST = "synthetic_corpus.json"
@@ -482,7 +484,5 @@ def ensure_synthetic_dataset(
             pass  # an unreadable manifest: make the corpus again
         manifest.unlink()
     info = make_synthetic_dataset(root, **arguments, progress=progress)
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps({"arguments": arguments, "info": info}, indent=1))
-    os.replace(tmp, manifest)
+    atomic_write_text(manifest, json.dumps({"arguments": arguments, "info": info}, indent=1))
     return {**info, "reused": False}
