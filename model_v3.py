@@ -16,7 +16,6 @@ features can be computed once per image and reused for every pair.
 """
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +27,8 @@ from timm.layers import trunc_normal_
 
 from models.dsnet import DSNet
 from models.emd import pairwise_cost, sinkhorn_emd
+from models.fine_tune_utils import FrozenModulesStayInEval
+from module.checkpoint import CheckpointMismatchError, load_state_dict_checked, read_torch_file
 from module.loss import ContrastiveLoss
 
 __all__ = [
@@ -95,7 +96,7 @@ class TokenFeatures(NamedTuple):
         return TokenFeatures(self.tokens[index], self.kept[index])
 
 
-class ViT_for_OSV_DSNet(nn.Module):  # noqa: N801 - the authors' public name
+class ViT_for_OSV_DSNet(FrozenModulesStayInEval):  # noqa: N801 - the authors' public name
     """Siamese DetailSemNet.
 
     Args:
@@ -107,6 +108,8 @@ class ViT_for_OSV_DSNet(nn.Module):  # noqa: N801 - the authors' public name
 
     Input images are ``[B, 1, H, W]`` in ``[0, 1]`` with bright ink on black,
     ``H`` and ``W`` multiples of 32 (224 for the authors' checkpoints).
+    ``train()`` leaves fully frozen sub-modules (BatchNorm included) in eval
+    mode (``FrozenModulesStayInEval``); with nothing frozen it is ``nn.Module.train``.
     """
 
     def __init__(self, opt: Any = None) -> None:
@@ -174,27 +177,7 @@ class ViT_for_OSV_DSNet(nn.Module):  # noqa: N801 - the authors' public name
         return distance, loss
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint's keys or shapes do not match the model."""
-
-
 _STATE_DICT_WRAPPERS = ("model_state_dict", "state_dict", "model")
-
-
-def _read_checkpoint(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} cannot be loaded with torch.load(weights_only=True): it holds pickled Python objects "
-            f"besides tensors ({str(error).splitlines()[0][:200]}). Loading it would run code stored in the file. "
-            "If you trust its source, re-save only its weights: "
-            "torch.save(torch.load(path, weights_only=False)['model_state_dict'], 'weights.pth')"
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
 
 
 def _unwrap_state_dict(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
@@ -229,35 +212,9 @@ def load_pretrained(model: nn.Module, path_or_state: str | Path | Mapping[str, A
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is not a safe, readable checkpoint.
+        module.checkpoint.CheckpointError: the file is not a safe, readable checkpoint (a ``ValueError``).
         CheckpointMismatchError: keys or shapes differ (the message lists them).
     """
     source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "the given checkpoint"
-    checkpoint = _read_checkpoint(Path(path_or_state)) if isinstance(path_or_state, (str, Path)) else path_or_state
-    state = _unwrap_state_dict(checkpoint, source)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{key}: checkpoint {list(state[key].shape)}, model {list(expected[key].shape)}"
-        for key in set(expected) & set(state)
-        if tuple(state[key].shape) != tuple(expected[key].shape)
-    )
-    if wrong_shape or (strict and (missing or unexpected)):
-        def listing(title: str, items: list[str]) -> str:
-            shown = "\n    ".join(items[:10])
-            more = f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""
-            return f"\n  {title} ({len(items)}):\n    {shown}{more}" if items else ""
-
-        hint = ""
-        if any(key.startswith("head_str") for key in missing + unexpected):
-            hint = "\n  head_str differs: build the model with the same 'emd' option as the checkpoint."
-        raise CheckpointMismatchError(
-            f"{source} does not match {type(model).__name__}:"
-            + listing("missing keys", missing)
-            + listing("unexpected keys", unexpected)
-            + listing("wrong shapes", wrong_shape)
-            + hint
-        )
-    model.load_state_dict({key: value for key, value in state.items() if key in expected}, strict=strict)
-    return model
+    checkpoint = read_torch_file(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
+    return load_state_dict_checked(model, _unwrap_state_dict(checkpoint, source), strict=strict, source=source)

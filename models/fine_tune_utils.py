@@ -5,10 +5,11 @@ parameters) and nothing else. Freezing a parameter is not enough to freeze a
 module: BatchNorm layers update their running statistics in training mode,
 and dropout draws noise, and every training loop calls ``model.train()`` at
 the start of an epoch, which undoes a one-off ``.eval()`` on them.
-``setup_head_only_finetune`` therefore replaces the model's ``train`` with
-one that puts every fully frozen sub-module back into eval mode each time.
-The frozen part is read from ``requires_grad`` at every call, so it follows
-``unfreeze_last_blocks``.
+``FrozenModulesStayInEval`` (a base class of ``ViT_for_OSV_DSNet``) therefore
+overrides ``train`` to put every fully frozen sub-module back into eval mode
+each time. The frozen part is read from ``requires_grad`` at every call, so
+it follows ``unfreeze_last_blocks``; and being the class's method, it
+survives pickling and ``copy.deepcopy``.
 
 Typical use::
 
@@ -19,20 +20,24 @@ Typical use::
 """
 from __future__ import annotations
 
+import hashlib
 import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 __all__ = [
+    "FrozenModulesStayInEval",
     "setup_head_only_finetune",
     "keep_frozen_modules_in_eval",
     "print_trainable_params",
     "build_optimizer_for_head_only",
     "unfreeze_last_blocks",
     "backbone_blocks",
+    "weights_fingerprint",
 ]
 
 
@@ -49,6 +54,21 @@ def _put_frozen_modules_in_eval(module: nn.Module) -> None:
             child.eval()
 
 
+class FrozenModulesStayInEval(nn.Module):
+    """A module whose ``train()`` leaves its fully frozen sub-modules in eval mode.
+
+    The module itself still switches mode (``ViT_for_OSV_DSNet`` picks its
+    Sinkhorn epsilon from ``self.training``); a model with every parameter
+    trainable behaves exactly as a plain ``nn.Module``.
+    """
+
+    def train(self, mode: bool = True) -> "FrozenModulesStayInEval":
+        super().train(mode)
+        if mode:
+            _put_frozen_modules_in_eval(self)
+        return self
+
+
 def _train_keeping_frozen_modules_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
     nn.Module.train(self, mode)
     if mode:
@@ -57,19 +77,16 @@ def _train_keeping_frozen_modules_in_eval(self: nn.Module, mode: bool = True) ->
 
 
 def keep_frozen_modules_in_eval(model: nn.Module) -> nn.Module:
-    """Make ``model.train()`` leave its fully frozen sub-modules in eval mode, now and on every later call.
+    """Put ``model``'s fully frozen sub-modules in eval mode, now and on every later ``model.train()``.
 
-    The model itself still switches mode (``ViT_for_OSV_DSNet`` picks its
-    Sinkhorn epsilon from ``model.training``). Returns ``model``.
+    ``ViT_for_OSV_DSNet`` (a ``FrozenModulesStayInEval``) does this by its
+    class; any other model gets ``train`` replaced on the instance, which a
+    pickled copy does not keep. Returns ``model``.
     """
-    if not _keeps_frozen_modules_in_eval(model):
+    if not isinstance(model, FrozenModulesStayInEval):
         model.train = types.MethodType(_train_keeping_frozen_modules_in_eval, model)
     model.train(model.training)
     return model
-
-
-def _keeps_frozen_modules_in_eval(model: nn.Module) -> bool:
-    return getattr(model.train, "__func__", None) is _train_keeping_frozen_modules_in_eval
 
 
 def setup_head_only_finetune(model: nn.Module) -> nn.Module:
@@ -124,8 +141,7 @@ def unfreeze_last_blocks(model: nn.Module, n: int, lr_blocks: float = 1e-5) -> l
     parameters = [parameter for module in modules for parameter in module.parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
-    if _keeps_frozen_modules_in_eval(model):
-        model.train(model.training)  # the newly trainable blocks take the model's mode
+    model.train(model.training)  # the newly trainable blocks take the model's mode
     return [{"params": parameters, "lr": lr_blocks, "name": f"backbone_last_{n}_blocks"}]
 
 
@@ -153,9 +169,13 @@ def build_optimizer_for_head_only(
 ) -> torch.optim.AdamW:
     """AdamW over ``head_str`` (learning rate ``lr_head``), plus any ``param_groups`` (e.g. ``unfreeze_last_blocks``).
 
-    Every trainable parameter of the model must be in exactly one group, so
-    a parameter unfrozen but left out of the optimizer is an error, not a
-    silent no-op.
+    Weight decay follows timm's ``param_groups_weight_decay``: biases and
+    other 1-D parameters (LayerNorm weights, ``layer_scale``) get none, so
+    each learning-rate group becomes a decayed group named as given and a
+    ``"<name> (no weight decay)"`` group, in that order (``param_groups[0]``
+    is ``head_str.weight``'s). Every trainable parameter of the model must be
+    in exactly one given group, so a parameter unfrozen but left out of the
+    optimizer is an error, not a silent no-op.
 
     Raises:
         ValueError: no trainable ``head_str``, or trainable parameters the groups miss.
@@ -163,9 +183,9 @@ def build_optimizer_for_head_only(
     head = getattr(model, "head_str", None)
     if not isinstance(head, nn.Module) or not all(parameter.requires_grad for parameter in head.parameters()):
         raise ValueError("head_str is missing or frozen: call setup_head_only_finetune(model) first")
-    groups = [{"params": list(head.parameters()), "lr": lr_head, "name": "head_str"}]
-    groups += [dict(group) for group in param_groups]
-    in_groups = {id(parameter) for group in groups for parameter in group["params"]}
+    lr_groups = [{"params": list(head.parameters()), "lr": lr_head, "name": "head_str"}]
+    lr_groups += [dict(group) for group in param_groups]
+    in_groups = {id(parameter) for group in lr_groups for parameter in group["params"]}
     left_out = [name for name, parameter in model.named_parameters()
                 if parameter.requires_grad and id(parameter) not in in_groups]
     if left_out:
@@ -173,4 +193,28 @@ def build_optimizer_for_head_only(
             f"{len(left_out)} trainable parameters are in no optimizer group (first: {left_out[:3]}); "
             "pass the groups returned by unfreeze_last_blocks as param_groups"
         )
+    # Only timm's split is used here, so any non-zero decay will do; 0 would put everything in one group.
+    undecayed = {id(parameter) for group in param_groups_weight_decay(model, 1.0) if group["weight_decay"] == 0
+                 for parameter in group["params"]}
+    groups = []
+    for group in lr_groups:
+        for decayed, decay, suffix in ((True, weight_decay, ""), (False, 0.0, " (no weight decay)")):
+            members = [parameter for parameter in group["params"] if (id(parameter) not in undecayed) == decayed]
+            if members:
+                groups.append({**group, "params": members, "weight_decay": decay, "name": group["name"] + suffix})
     return torch.optim.AdamW(groups, lr=lr_head, weight_decay=weight_decay)
+
+
+def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order.
+
+    Equal fingerprints mean bit-identical weights, whatever device they sit
+    on. Used to tie trained heads and cached features to the frozen
+    backbone they were computed with.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

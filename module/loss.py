@@ -4,7 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ContrastiveLoss"]
+__all__ = ["ContrastiveLoss", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; no weights were updated with it."""
 
 
 class ContrastiveLoss(nn.Module):

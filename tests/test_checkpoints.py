@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from module.scheduler import GradualWarmupScheduler
+from module.checkpoint import prune_checkpoints
 from training_utils import (
     CheckpointError,
     FinetuneConfig,
-    _prune_checkpoints,
     capture_rng_state,
     epoch_checkpoint_path,
     export_state_dict,
@@ -139,7 +139,7 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path) -> None:
     assert len(messages) == 2
     assert messages[0].startswith("skipping checkpoint epoch_0004.pt")
     assert messages[1].startswith("skipping checkpoint epoch_0003.pt")
-    with pytest.raises(CheckpointError, match="truncated, corrupt"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(latest, model)
 
 
@@ -165,7 +165,7 @@ def test_pruning_keeps_the_newest(tmp_path) -> None:
         write(epoch_checkpoint_path(tmp_path, epoch), model, optimizer, scheduler, epoch=epoch)
     (tmp_path / "best.pt").write_bytes(b"kept")
     (tmp_path / ".epoch_0006.pt.k3j2.tmp").write_bytes(b"left by a killed process")
-    _prune_checkpoints(tmp_path, keep_last=2)
+    prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt"]
 
 

@@ -1,6 +1,9 @@
 """Freezing: only head_str trains, and the frozen part's BatchNorm stays in eval mode through model.train()."""
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -57,15 +60,29 @@ def test_frozen_part_stays_in_eval_mode_through_train() -> None:
 
 
 def test_without_the_hold_batchnorm_statistics_would_move() -> None:
-    # Why the hold exists: freezing parameters and calling .eval() once is undone by the next model.train().
+    # Why the hold exists: freezing parameters and calling .eval() once is undone by a plain nn.Module.train().
     model = ViT_for_OSV_DSNet()
     for parameter in model.model.parameters():
         parameter.requires_grad_(False)
     model.model.eval()
-    model.train()
+    nn.Module.train(model)
     before = batch_norms(model)[0].running_mean.clone()
     model.embed(torch.rand(2, 1, 64, 64))
     assert not torch.equal(before, batch_norms(model)[0].running_mean)
+
+
+def test_the_hold_survives_pickling_and_copying() -> None:
+    """The hold is ViT_for_OSV_DSNet's own train(), not a patch on one instance that a copy would lose."""
+    model = setup_head_only_finetune(ViT_for_OSV_DSNet())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        twin.train()
+        assert twin.training and twin.head_str.training
+        assert not twin.model.training and not any(norm.training for norm in batch_norms(twin))
+    nothing_frozen = ViT_for_OSV_DSNet().train()
+    assert all(module.training for module in nothing_frozen.modules())  # a plain nn.Module.train() then
 
 
 def test_head_only_epoch_changes_only_head_str(corpus: str) -> None:
@@ -103,7 +120,19 @@ def test_unfreeze_last_blocks_adds_a_parameter_group() -> None:
     optimizer = build_optimizer_for_head_only(model, lr_head=1e-3, weight_decay=0.05, param_groups=groups)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
-        ("head_str", 1e-3, 0.05), ("backbone_last_2_blocks", 3e-5, 0.05)]
+        ("head_str", 1e-3, 0.05), ("head_str (no weight decay)", 1e-3, 0.0),
+        ("backbone_last_2_blocks", 3e-5, 0.05), ("backbone_last_2_blocks (no weight decay)", 3e-5, 0.0)]
+    # Weight decay only on matrices and kernels: biases, LayerNorm weights and layer_scale get none.
+    name_of = {id(parameter): name for name, parameter in model.named_parameters()}
+    undecayed = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    decayed = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {"head_str.bias", "model.norm.weight", "model.blocks4.2.layer_scale_1", "model.blocks4.2.norm1.weight",
+            "model.blocks4.2.mlp.fc1.bias"} <= undecayed
+    assert {"head_str.weight", "model.blocks4.2.mlp.fc1.weight"} <= decayed
+    assert all(model.get_parameter(name).ndim > 1 for name in decayed)
+    assert len(decayed) + len(undecayed) == len(trainable)
+    without_decay = build_optimizer_for_head_only(model, weight_decay=0.0, param_groups=groups)
+    assert sum(len(g["params"]) for g in without_decay.param_groups) == len(trainable)
 
 
 @pytest.mark.parametrize("n", [0, 19])

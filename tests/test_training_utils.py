@@ -16,6 +16,7 @@ from model_v3 import ViT_for_OSV_DSNet
 from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
+from module.features import pair_distances
 from training_utils import (
     HISTORY_KEYS,
     FeatureCache,
@@ -31,7 +32,9 @@ from training_utils import (
     make_pair_loader,
     plot_training_history,
     prepare_run,
+    run_status,
     seed_everything,
+    train_and_report,
     train_one_epoch,
     validate,
 )
@@ -59,7 +62,7 @@ def datasets(root: str, augment: bool = False) -> tuple[SigDataset_CEDAR_Colab, 
 
 
 def config_for(ckpt_dir: Path, **changes) -> FinetuneConfig:
-    settings = dict(ckpt_dir=str(ckpt_dir), image_size=IMAGE_SIZE, epochs=3, batch_size=16, lr=1e-3,
+    settings = dict(ckpt_dir=str(ckpt_dir), image_size=IMAGE_SIZE, epochs=3, batch_size=16, lr=4e-3,
                     warmup_epochs=1, eval_batch_size=32, device="cpu", patience=10, keep_last=2)
     settings.update(changes)
     return FinetuneConfig(**settings)
@@ -115,8 +118,9 @@ def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -
     splits = build_datasets(config, splits=("train", "val"))
     assert splits["train"].augment and not splits["val"].augment
     assert splits["val"].pair_file.endswith("gray_val.txt") and splits["val"].image_size == IMAGE_SIZE
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-        build_datasets(FinetuneConfig(dataset="mnist", data_root=corpus))
+    with pytest.raises(ValueError, match="dataset must be one of cedar, gpds, bhsig; got 'mnist'"):
+        FinetuneConfig(dataset="mnist", data_root=corpus)
+    assert FinetuneConfig(dataset="GDPS").dataset == "gpds"  # the seed's spelling, any case
 
 
 # --------------------------------------------------------------------------- the two paths agree
@@ -136,19 +140,30 @@ def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
     assert cached["eer"] == per_pair["eer"]
     assert validate(model, val, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
 
-    # Training: the same pair order gives the same losses and the same head_str on both paths.
+    # Training: the two paths give the same loss and the same gradients for the same pairs. Compared after
+    # plain SGD steps, which are proportional to the gradients: Adam divides by the root of each gradient's
+    # running square, so where a gradient is ~0 a 1e-8 difference between the paths (float summation order,
+    # which varies between CPUs) moves that weight by a visible fraction of lr.
     start = {key: value.clone() for key, value in model.state_dict().items()}
-    losses, heads = [], []
+    losses, gradients, heads = [], [], []
     for data in (compute_features(model, train, progress=False), train):
         model.load_state_dict(start)
-        optimizer = build_optimizer_for_head_only(model, lr_head=1e-3)
+        model.train()
+        first = next(iter(make_pair_loader(data, 16, shuffle=True, generator=torch.Generator().manual_seed(5))))
+        distance, labels = pair_distances(model, first, torch.device("cpu"), amp=False)
+        model.zero_grad()
+        model.loss_fn(distance, labels).backward()
+        gradients.append(model.head_str.weight.grad.clone())
+        model.zero_grad()
+        optimizer = torch.optim.SGD(model.head_str.parameters(), lr=0.05)
         loader = make_pair_loader(data, 16, shuffle=True, generator=torch.Generator().manual_seed(5))
         losses.append(train_one_epoch(model, loader, optimizer, progress=False))
         heads.append(model.head_str.weight.detach().clone())
+    scale = gradients[0].abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-3, atol=1e-4 * scale)
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
-    # Adam divides by the root of the squared-gradient average: where a gradient is ~0, a 1e-8 difference
-    # in it moves that step by a visible fraction of lr, so weights are compared at a step-sized tolerance.
-    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=1e-5)
 
     # float16 features: half the memory, distances within float16 rounding.
     model.load_state_dict(start)
@@ -276,8 +291,8 @@ def test_resume_refuses_other_settings_and_a_finished_run_stays_finished(corpus:
     again = fit(prepare_run(new_model(config), config), train, val, progress=False)
     captured = capsys.readouterr()
     assert again.epoch == 1 and "nothing to train: early stop" in captured.out + captured.err
-    with pytest.raises(ValueError, match="lr: checkpoint 0.001, now 0.01"):
-        prepare_run(new_model(config), config_for(tmp_path, epochs=2, patience=1, min_improvement=0.9, lr=1e-2))
+    with pytest.raises(ValueError, match="lr: checkpoint 0.004, now 0.04"):
+        prepare_run(new_model(config), config_for(tmp_path, epochs=2, patience=1, min_improvement=0.9, lr=4e-2))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus: str, tmp_path: Path) -> None:
@@ -299,9 +314,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus: str, t
 
 def test_schedule_warms_up_then_follows_a_cosine(corpus: str, tmp_path: Path) -> None:
     train, val = datasets(corpus)
-    config = config_for(tmp_path, epochs=4, warmup_epochs=1, warmup_multiplier=4.0, lr=1e-4)
+    config = config_for(tmp_path, epochs=4, warmup_epochs=1, warmup_multiplier=4.0, lr=4e-4)
     run = fit(prepare_run(new_model(config), config), train, val, progress=False)
-    # Epoch 1 at lr, epoch 2 at the peak lr * 4, then a cosine over the 3 remaining epochs towards 0.
+    # lr is the peak: epoch 1 at lr / 4, epoch 2 at lr, then a cosine over the 3 remaining epochs towards 0.
     assert run.history["lr"][0] is None
     assert run.history["lr"][1:] == pytest.approx([1e-4, 4e-4, 3e-4, 1e-4], rel=1e-9)
 
@@ -320,7 +335,7 @@ def test_head_only_fine_tune_lowers_the_validation_eer(tmp_path_factory, tmp_pat
     make_synthetic_dataset(root, "cedar", n_writers=12, n_genuine=8, n_forged=8, seed=1, image_size=96, progress=False)
     generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
     train, val = datasets(str(root))
-    config = config_for(tmp_path / "ckpt", epochs=3, warmup_epochs=1, lr=1e-3)
+    config = config_for(tmp_path / "ckpt", epochs=3, warmup_epochs=1, lr=4e-3)
     run = fit(prepare_run(new_model(config), config), train, val, progress=False)
     before, after = run.history["val_eer"][0], run.best_metric
     print(f"\nvalidation EER ({len(val)} pairs) before fine-tuning {100 * before:.2f}%, best after "
@@ -337,6 +352,28 @@ def test_head_only_fine_tune_lowers_the_validation_eer(tmp_path_factory, tmp_pat
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     saved = json.loads((tmp_path / "report" / "val_metrics.json").read_text())
     assert saved["eer"] == metrics["eer"] and "distances" not in saved
+
+
+def test_train_and_report_runs_the_pipeline_and_starting_over_loses_no_run(corpus: str, tmp_path: Path) -> None:
+    config = config_for(tmp_path / "run", epochs=2, data_root=corpus)
+    assert run_status(config.ckpt_dir).startswith("new run")
+    result = train_and_report(config, progress=False)
+    run_folder = tmp_path / "run"
+    for name in ("best.pt", "best_weights.pth", "history.json", "history.png", "val_metrics.json", "test_metrics.json",
+                 "test_roc.png", "test_scores.png"):
+        assert (run_folder / name).is_file(), name
+    assert json.loads((run_folder / "test_metrics.json").read_text())["eer"] == result.metrics["test"]["eer"]
+    best = torch.load(run_folder / "best.pt", weights_only=True)
+    assert all(torch.equal(value, result.model.state_dict()[key]) for key, value in best["model_state_dict"].items())
+    assert run_status(config.ckpt_dir).startswith(f"2 of 2 epochs done (epoch_0002.pt); best validation EER "
+                                                  f"{100 * result.run.best_metric:.2f}% at epoch {result.run.best_epoch}")
+
+    # Starting over moves the earlier run's checkpoints aside: nothing of it is overwritten.
+    again = train_and_report(config, resume=False, progress=False)
+    (previous,) = run_folder.glob("previous-*")
+    assert sorted(path.name for path in previous.iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    assert torch.load(previous / "best.pt", weights_only=True)["history"] == best["history"]
+    assert again.run.history["epoch"] == [0, 1, 2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,0 +1,172 @@
+"""``FinetuneConfig``: every setting of a fine-tuning run in one dataclass.
+
+The notebook's parameters (``FinetuneConfig.from_parameters``) and the
+command line's options (``finetune.py`` makes one ``--field-name`` option a
+field, from its ``metadata["help"]``) both end here; every checkpoint holds
+it as a plain dict, so a run can be rebuilt from its checkpoint alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where needed: the command line builds its options from this class before loading torch
+    import torch
+
+__all__ = ["FinetuneConfig"]
+
+
+def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:  # noqa: A002 - argparse's word
+    """A ``FinetuneConfig`` field whose help text (and choices) the command line shows."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run, saved as plain data inside each checkpoint.
+
+    Passed as ``opt`` to ``ViT_for_OSV_DSNet``, which reads the model options
+    (``emd``, ``dis_type``, ``mar_type``, ``gol_dis``, ``temp``). Each field's
+    help text is its ``metadata["help"]``; ``finetune.py`` turns every field
+    into a ``--field-name`` option from it.
+
+    Learning rate (per epoch): ``lr`` is the peak. The warm-up climbs
+    linearly from ``lr / warmup_multiplier`` to ``lr`` over
+    ``warmup_epochs`` epochs, then a cosine runs over the remaining epochs (it
+    would reach 0 one epoch after the last). With ``warmup_multiplier == 1``
+    the warm-up starts from 0, as in the authors' scheduler, so the first
+    epoch would not train. ``lr_blocks`` follows the same schedule.
+    """
+
+    # data (read by build_datasets and build_model)
+    dataset: str = _setting("cedar", "dataset layout", ("cedar", "gpds", "bhsig"))
+    data_root: str = _setting("", "folder holding the scans and the gray_{train,val,test}.txt pair files")
+    pretrained: str = _setting("", "DetailSemNet weights for build_model: a .pth file (empty: a fresh backbone)")
+    ckpt_dir: str = _setting("checkpoints", "run folder: epoch_NNNN.pt, best.pt, metrics, plots (on Google Drive in Colab)")
+    image_size: int = _setting(224, "model input side in pixels, a multiple of 32 (224 for the authors' weights)")
+    num_workers: int = _setting(0, "image-loading worker processes (2 helps on a GPU machine)")
+    # what trains
+    fast_head_only: bool = _setting(True, "embed each image once and train head_str on the cached features (no "
+                                          "augmentation); off: every pair through the backbone each epoch, augmented")
+    unfreeze_blocks: int = _setting(0, "also train the backbone's last N blocks (needs --no-fast-head-only)")
+    # optimisation (AdamW; learning rates per epoch, see the class docstring)
+    epochs: int = _setting(10, "epochs to train")
+    batch_size: int = _setting(32, "training pairs per optimizer step")
+    lr: float = _setting(4e-4, "peak learning rate of head_str (the warm-up climbs to it)")
+    lr_blocks: float = _setting(4e-5, "peak learning rate of the unfrozen backbone blocks")
+    weight_decay: float = _setting(1e-4, "AdamW weight decay (biases and 1-D parameters get none)")
+    warmup_epochs: int = _setting(1, "epochs of linear warm-up before the cosine")
+    warmup_multiplier: float = _setting(4.0, "the warm-up starts at lr / warmup_multiplier (1: from 0)")
+    amp: bool = _setting(False, "float16 autocast for the backbone on CUDA; the EMD stays float64")
+    # model selection and early stopping, on the validation set
+    select_metric: str = _setting("eer", "validation figure that picks the best epoch (lower is better)", ("eer", "loss"))
+    patience: int = _setting(5, "stop after this many epochs without a better validation figure")
+    min_improvement: float = _setting(0.01, "relative: a new best must be below best * (1 - min_improvement)")
+    # feature cache (fast path and evaluation)
+    feature_dtype: str = _setting("float32", "dtype of cached backbone features (float16: half the memory, "
+                                             "distances within ~1e-2)", ("float32", "float16"))
+    feature_dir: str = _setting("", "folder for memory-mapped features (empty: in RAM)")
+    eval_batch_size: int = _setting(64, "images per backbone pass and pairs per evaluation batch")
+    # checkpoints and reproducibility
+    keep_last: int = _setting(2, "epoch checkpoints kept besides best.pt")
+    seed: int = _setting(42, "seed of the weights' initialisation, the pair order and the augmentation")
+    device: str = _setting("auto", "auto (CUDA when available), cpu or cuda[:n]")
+    # model options, read by ViT_for_OSV_DSNet (spec section 1)
+    emd: bool = _setting(True, "add the structural (EMD) distance; needed for head_str")
+    dis_type: str = _setting("cos", "token cost of the EMD", ("cos", "l2"))
+    mar_type: str = _setting("uniform", "EMD marginals", ("uniform",))
+    gol_dis: str = _setting("l2", "global distance between mean tokens", ("l2", "cos"))
+    temp: float = _setting(1.0, "weight of the structural distance")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset, str):  # "CEDAR", and the seed's spelling "gdps", name the same layouts
+            self.dataset = {"gdps": "gpds"}.get(self.dataset.lower(), self.dataset.lower())
+        problems = []
+        for setting in dataclasses.fields(self):
+            choices = setting.metadata.get("choices")
+            if choices and getattr(self, setting.name) not in choices:
+                problems.append(f"{setting.name} must be one of {', '.join(choices)}; got {getattr(self, setting.name)!r}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            problems.append(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            problems.append(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if self.warmup_multiplier < 1:
+            problems.append(f"warmup_multiplier must be >= 1, got {self.warmup_multiplier}")
+        if self.lr <= 0 or self.lr_blocks <= 0:
+            problems.append(f"learning rates must be > 0, got lr={self.lr}, lr_blocks={self.lr_blocks}")
+        if self.patience < 1:
+            problems.append(f"patience must be >= 1, got {self.patience}")
+        if not 0 <= self.min_improvement < 1:
+            problems.append(f"min_improvement is relative and must be in [0, 1), got {self.min_improvement}")
+        if self.keep_last < 1:
+            problems.append(f"keep_last must be >= 1, got {self.keep_last}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.unfreeze_blocks < 0:
+            problems.append(f"unfreeze_blocks must be >= 0, got {self.unfreeze_blocks}")
+        if self.fast_head_only and self.unfreeze_blocks:
+            problems.append(
+                "fast_head_only caches backbone features, so the backbone must stay frozen: "
+                "set unfreeze_blocks=0, or fast_head_only=False to train the last blocks on the per-pair path"
+            )
+        if self.image_size < 32 or self.image_size % 32:
+            problems.append(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            problems.append(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+        if problems:
+            raise ValueError("invalid FinetuneConfig:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (str, int, float, bool values)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FinetuneConfig:
+        """Rebuild from ``to_dict()`` output; an unknown key is an error (a typo would be silently ignored)."""
+        known = {setting.name for setting in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_parameters(cls, namespace: Mapping[str, Any], **overrides: Any) -> FinetuneConfig:
+        """A config from notebook parameters: each UPPER_CASE name whose lower case is a setting
+        (``EPOCHS`` -> ``epochs``, ``BATCH_SIZE`` -> ``batch_size``); ``overrides`` win; other names are ignored.
+
+        Typical: ``FinetuneConfig.from_parameters(globals(), data_root=..., ckpt_dir=...)``.
+        """
+        known = {setting.name for setting in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig settings: {', '.join(unknown)}")
+        values = {name.lower(): value for name, value in namespace.items()
+                  if isinstance(name, str) and name.isupper() and name.lower() in known}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def setting_types(cls) -> dict[str, type]:
+        """``{field name: its type}`` (``str``, ``int``, ``float`` or ``bool``), for parsers."""
+        hints = typing.get_type_hints(cls)
+        return {setting.name: hints[setting.name] for setting in dataclasses.fields(cls)}
+
+    def resolved_device(self) -> torch.device:
+        """``device`` with ``auto`` resolved to CUDA when available, else CPU.
+
+        Raises:
+            ValueError: CUDA was asked for and this machine has none.
+        """
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for, but this machine has no CUDA GPU; "
+                             "use device 'auto' or 'cpu'")
+        return torch.device(self.device)
