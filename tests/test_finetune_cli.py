@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import finetune as finetune_cli
+from module.config import FinetuneConfig
 from prepare_datasets import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3"]
+TINY_TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "16", "--lr", "4e-3"]
 
 
 def finetune(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -58,6 +61,84 @@ def test_help_on_every_subcommand() -> None:
     for command in ("demo", "prepare", "train", "evaluate", "verify"):
         result = finetune(command, "--help")
         assert result.returncode == 0 and result.stdout.startswith(f"usage: finetune.py {command}"), result.stderr
+
+
+def other_value(setting: dataclasses.Field, kind: type) -> object:
+    """A valid value of ``setting`` other than its default (the same one where there is no other)."""
+    default = setting.default
+    choices = setting.metadata["choices"]
+    if choices:
+        return next((choice for choice in choices if choice != default), default)
+    special = {"image_size": 256, "unfreeze_blocks": 2, "device": "cuda:1", "pretrained": "weights.pth",
+               "feature_dir": "features", "min_improvement": 0.05}
+    if setting.name in special:
+        return special[setting.name]
+    return {bool: lambda: not default, int: lambda: default + 1, float: lambda: default * 2}[kind]()
+
+
+def test_every_setting_has_a_flag_and_the_flags_build_the_config() -> None:
+    """Each FinetuneConfig field but dataset, data_root (positionals) and ckpt_dir (--out) is a --flag of train."""
+    types = FinetuneConfig.setting_types()
+    flagged = [setting for setting in dataclasses.fields(FinetuneConfig)
+               if setting.name not in ("dataset", "data_root", "ckpt_dir")]
+    usage = finetune_help("train")
+    expected = {"dataset": "bhsig", "data_root": "/data", "ckpt_dir": "/runs/x"}
+    argv = ["train", "bhsig", "/data", "--out", "/runs/x"]
+    for setting in flagged:
+        flag = "--" + setting.name.replace("_", "-")
+        assert flag in usage, flag
+        value = other_value(setting, types[setting.name])
+        expected[setting.name] = value
+        argv += [flag if value else "--no-" + flag[2:]] if types[setting.name] is bool else [flag, str(value)]
+    args = finetune_cli.build_parser().parse_args(argv)
+    config = finetune_cli.config_from_args(args, dataset=args.dataset, data_root=args.data_root, ckpt_dir=args.out)
+    assert config == FinetuneConfig(**expected)
+    assert sum(config.to_dict()[name] != FinetuneConfig().to_dict()[name] for name in expected) >= len(expected) - 1
+    # --per-pair is the short form of --no-fast-head-only; the demo has its own defaults.
+    per_pair = finetune_cli.build_parser().parse_args(["train", "cedar", "/data", "--out", "o", "--per-pair"])
+    assert per_pair.fast_head_only is False
+    demo = finetune_cli.build_parser().parse_args(["demo"])
+    assert (demo.image_size, demo.epochs, demo.lr) == (128, 8, 4e-3)
+
+
+def finetune_help(command: str) -> str:
+    result = finetune(command, "--help")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys, tmp_path: Path) -> None:
+    """A ValueError raised by the project's checks is bad input; one raised inside a library is a bug."""
+    import numpy as np
+
+    def library_bug(args) -> None:
+        np.zeros(3).reshape(2, 2)  # numpy raises ValueError: a bug of ours, not the user's input
+
+    def bad_setting(args) -> None:
+        FinetuneConfig(epochs=0)
+
+    parser = finetune_cli.build_parser
+    for handler, expected in ((library_bug, None), (bad_setting, 1)):
+        monkeypatch.setattr(finetune_cli, "build_parser", lambda handler=handler: patched(parser(), handler))
+        if expected is None:
+            with pytest.raises(ValueError, match="reshape"):
+                finetune_cli.main(["prepare", "cedar", str(tmp_path)])
+        else:
+            assert finetune_cli.main(["prepare", "cedar", str(tmp_path)]) == expected
+            assert capsys.readouterr().err.startswith("error: invalid FinetuneConfig: epochs must be >= 1")
+            with pytest.raises(ValueError, match="epochs must be"):  # --debug shows the traceback of any error
+                finetune_cli.main(["--debug", "prepare", "cedar", str(tmp_path)])
+
+
+def patched(parser, handler):
+    parser._subparsers._group_actions[0].choices["prepare"].set_defaults(handler=handler)
+    return parser
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_asked_for_without_cuda_is_one_line(corpus: Path, tmp_path: Path) -> None:
+    assert_one_line_error(finetune("train", "cedar", corpus, "--out", tmp_path / "run", "--device", "cuda"),
+                          "'cuda'", "no CUDA GPU")
 
 
 def test_demo_writes_metrics_plots_and_weights(demo_run: Path) -> None:

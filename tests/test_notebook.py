@@ -1,14 +1,17 @@
 """training.ipynb executed for real (papermill, a fresh kernel each time) in DEMO mode with tiny settings.
 
-One run, then two simulated disconnects: a runtime restart (parameters cell
-+ PART 6 onward) and a "Run all". Because resume is exact, the resumed runs
-must end with the very weights of the uninterrupted one, and the history
-must list every epoch once.
+One run, then the two ways a Colab session is lost, each followed by "Run
+all" in a fresh kernel: a runtime restart (files on disk kept) and a
+disconnect (the local disk, here the demo corpus, gone; the checkpoints on
+Drive kept). Because resume is exact, the resumed runs must end with the
+very weights of the uninterrupted one, and the history must list every epoch
+once.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "training.ipynb"
 EPOCHS = 3
 PART_TITLES = [
-    "Setup and downloads", "Pair files", "Imports", "Model", "Data", "Optimizer, schedule and resume",
+    "Setup and downloads", "Pair files", "Imports", "Model", "Data", "Resume",
     "Training", "Evaluation on the test split", "Cross-dataset evaluation", "Plots and exports",
 ]
 
@@ -58,7 +61,8 @@ def tiny_parameters(work: Path) -> dict:
         "DATA_ROOT": str(work / "demo"),
         "DEMO_CORPUS": {"n_writers": 4, "n_genuine": 4, "n_forged": 3, "image_size": 96},
         # keep_last=EPOCHS keeps every epoch's checkpoint, so a disconnect can be simulated at any epoch.
-        "DEMO_SETTINGS": {"image_size": 64, "epochs": EPOCHS, "lr": 1e-3, "batch_size": 16, "keep_last": EPOCHS, "val_ratio": 0.25},
+        "DEMO_SETTINGS": {"image_size": 64, "epochs": EPOCHS, "lr": 4e-3, "batch_size": 16, "keep_last": EPOCHS, "val_ratio": 0.25},
+        "NUM_WORKERS": 0,
     }
 
 
@@ -67,16 +71,6 @@ def execute(source: Path, output: Path, parameters: dict, kernel_name: str) -> n
         str(source), str(output), parameters=parameters, kernel_name=kernel_name, cwd=str(ROOT), progress_bar=False,
     )
     return nbformat.read(output, as_version=4)
-
-
-def restart_notebook(path: Path) -> Path:
-    """What a user runs after a runtime restart: the parameters cell, then PART 6 onward."""
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    cells = code_cells(notebook)
-    part_6 = next(i for i, cell in enumerate(cells) if cell.source.startswith("# PART 6"))
-    notebook.cells = [cells[0], *cells[part_6:]]
-    nbformat.write(notebook, path)
-    return path
 
 
 def saved_run(ckpt_dir: Path, epoch: int) -> tuple[list[int], torch.Tensor]:
@@ -95,12 +89,28 @@ def test_parameters_cell_first_then_the_ten_parts() -> None:
     names: dict = {}
     exec(cells[0].source, names)  # plain assignments only
     for name in ("DATASET", "DATA_ROOT", "PRETRAINED", "GDRIVE_IDS", "CKPT_DIR", "EPOCHS", "BATCH_SIZE", "LR",
-                 "WARMUP_EPOCHS", "PATIENCE", "FAST_HEAD_ONLY", "IMAGE_SIZE", "SEED", "DEMO"):
+                 "WARMUP_EPOCHS", "PATIENCE", "FAST_HEAD_ONLY", "IMAGE_SIZE", "SEED", "DEMO", "AMP", "NUM_WORKERS",
+                 "FEATURE_DTYPE", "FEATURE_DIR", "UNFREEZE_BLOCKS"):
         assert name in names, name
+    from training_utils import FinetuneConfig
+
+    settings = FinetuneConfig.from_parameters(names, dataset="cedar").to_dict()  # the demo's dataset
+    assert all(settings[name.lower()] == value for name, value in names.items()
+               if name.lower() in settings and name != "DATASET"), "an upper-case setting did not reach the config"
     assert names["DATASET"] == "" and names["DEMO"] is None, "the demo must be the default"
     assert [cell.source.splitlines()[0].split(" - ")[0] for cell in cells[1:]] == [f"# PART {n}" for n in range(1, 11)]
     markdown = [cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "markdown"]
     assert [f"## PART {n}: {title}" for n, title in enumerate(PART_TITLES, start=1)] == markdown[1:]
+
+
+def test_notebook_and_command_line_train_through_one_pipeline_function() -> None:
+    import inspect
+
+    import finetune
+
+    part_7 = next(cell.source for cell in code_cells(nbformat.read(NOTEBOOK, as_version=4)) if cell.source.startswith("# PART 7"))
+    assert "train_and_report(config" in part_7
+    assert "train_and_report(config" in inspect.getsource(finetune.cmd_train)
 
 
 def test_demo_defaults_match_the_command_line_demo() -> None:
@@ -132,25 +142,27 @@ def test_demo_runs_and_resumes_after_restart_and_after_run_all(tmp_path: Path, k
     assert json.loads((ckpt_dir / "cross_cedar_other_metrics.json").read_text())["n_genuine"] > 0
     assert json.loads((ckpt_dir / "history.json").read_text())["epoch"] == history
 
-    # 2. A disconnect during the last epoch, then a runtime restart: parameters cell + PART 6 onward.
+    # 2. A runtime restart during the last epoch (files kept), then Run all: nothing is remade, training continues.
     (ckpt_dir / f"epoch_{EPOCHS:04d}.pt").unlink()
     (ckpt_dir / "test_metrics.json").unlink()
-    restarted = execute(restart_notebook(tmp_path / "restart.ipynb"), tmp_path / "restarted.ipynb", parameters, kernel_name)
-    assert f"epoch_{EPOCHS - 1:04d}.pt after epoch {EPOCHS - 1}" in stream_text(restarted)
+    kept_files = sorted((tmp_path / "demo").glob("*.txt")) + sorted((tmp_path / "demo" / "full_org").iterdir())
+    times_before = [path.stat().st_mtime_ns for path in kept_files]
+    restarted = execute(NOTEBOOK, tmp_path / "restarted.ipynb", parameters, kernel_name)
+    output = stream_text(restarted)
+    assert f"epoch_{EPOCHS - 1:04d}.pt after epoch {EPOCHS - 1}" in output and "(reused)" in output
+    assert [path.stat().st_mtime_ns for path in kept_files] == times_before, "corpus or pair files were rewritten"
     history, head = saved_run(ckpt_dir, EPOCHS)
     assert history == list(range(EPOCHS + 1)), "an epoch was repeated or skipped"
     assert torch.equal(head, final_head), "the resumed run must end where the uninterrupted one did"
     assert (ckpt_dir / "test_metrics.json").is_file(), "PARTs 8-10 ran after the restart"
 
-    # 3. A disconnect after epoch 1, then Runtime > Run all: corpus and pair files reused, training continues.
+    # 3. A disconnect after epoch 1: the local disk (the demo corpus) is gone, Drive (the checkpoints) is kept.
     for epoch in range(2, EPOCHS + 1):
         (ckpt_dir / f"epoch_{epoch:04d}.pt").unlink()
-    kept_files = sorted((tmp_path / "demo").glob("*.txt")) + sorted((tmp_path / "demo" / "full_org").iterdir())
-    times_before = [path.stat().st_mtime_ns for path in kept_files]
+    shutil.rmtree(tmp_path / "demo")
     run_all = execute(NOTEBOOK, tmp_path / "run_all.ipynb", parameters, kernel_name)
     output = stream_text(run_all)
-    assert "epoch_0001.pt after epoch 1" in output and "(reused)" in output
-    assert [path.stat().st_mtime_ns for path in kept_files] == times_before, "corpus or pair files were rewritten"
+    assert "epoch_0001.pt after epoch 1" in output and "(new)" in output
     history, head = saved_run(ckpt_dir, EPOCHS)
     assert history == list(range(EPOCHS + 1))
     assert torch.equal(head, final_head)

@@ -24,9 +24,9 @@ With `DATASET = ""` the notebook runs a **demo** on a synthetic corpus (a few mi
 **Colab quick start:** Runtime > Change runtime type > GPU; set `REPO_URL`, `DATASET`, `DATA_ROOT`,
 `GDRIVE_IDS` and `PRETRAINED` in the parameters cell; Runtime > Run all. Checkpoints go to Google Drive.
 
-**After a disconnect:** Runtime > Run all. Downloads and pair files are skipped and training continues
-from the last finished epoch. **After a runtime restart**, running the parameters cell and then PART 6
-onward does the same."""
+**After a disconnect or a runtime restart:** Runtime > Run all. Downloads, extracted archives and pair
+files are kept, and training continues from the last finished epoch on Google Drive. Stopping PART 7
+and running it again also continues from the last finished epoch."""
 
 PARAMETERS = """\
 # Parameters (papermill can set any of them). DATASET = "" runs the demo on a synthetic corpus.
@@ -38,19 +38,24 @@ EXTRACT_DIR: str = "data"       # archives from GDRIVE_IDS are extracted here (l
 CKPT_DIR: str = ""              # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect)
 EPOCHS: int = 10
 BATCH_SIZE: int = 32
-LR: float = 1e-4                # head_str learning rate at the start of the warm-up (it peaks at 4x)
+LR: float = 4e-4                # peak learning rate of head_str (the warm-up climbs to it)
 WARMUP_EPOCHS: int = 1
 PATIENCE: int = 5               # stop after this many epochs without a better validation EER
 FAST_HEAD_ONLY: bool = True     # True: each image through the backbone once, then only head_str trains (fast, no augmentation)
                                 # False: every pair through the backbone every epoch, with augmentation (slow)
+UNFREEZE_BLOCKS: int = 0        # also train the backbone's last N blocks (needs FAST_HEAD_ONLY = False)
 IMAGE_SIZE: int = 224           # model input side, a multiple of 32
+AMP: bool = True                # float16 autocast for the backbone on a GPU (ignored on a CPU); the EMD stays float64
+NUM_WORKERS: int = 2            # image-loading processes
+FEATURE_DTYPE: str = "float32"  # cached backbone features: float32, or float16 for half the memory
+FEATURE_DIR: str = ""           # "": features in RAM; a folder: memory-mapped files there (for sets larger than RAM)
 SEED: int = 42
 VAL_RATIO: float = 0.1          # share of writers held out for validation (it picks the best epoch)
 CROSS_DATASETS: list = []       # PART 9: other datasets to test on, e.g. [("bhsig", "data/BHSig260/Hindi")]
 DEMO: bool | None = None        # None: the demo when DATASET is ""
 # The demo's synthetic corpus, and the settings that replace those above in the demo (sized for a CPU):
 DEMO_CORPUS: dict = {"n_writers": 12, "n_genuine": 12, "n_forged": 12, "image_size": 256}
-DEMO_SETTINGS: dict = {"image_size": 128, "epochs": 8, "lr": 1e-3, "val_ratio": 0.2}
+DEMO_SETTINGS: dict = {"image_size": 128, "epochs": 8, "lr": 4e-3, "val_ratio": 0.2}
 DOWNLOAD_DIR: str = ""          # "": Google Drive in Colab, else data/downloads
 PROJECT_DIR: str = "."          # this project's folder; in Colab e.g. "/content/detailsemnet" (cloned from REPO_URL if missing)
 REPO_URL: str = ""              # git URL of this project, for Colab"""
@@ -85,61 +90,47 @@ print(pair_files)"""),
 import dataclasses
 import torch
 from IPython.display import Image, display
-from models.fine_tune_utils import print_trainable_params, setup_head_only_finetune
-from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, export_state_dict, fit,
-                            load_checkpoint, plot_training_history, prepare_run, save_metrics_json)
+from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, print_trainable_params,
+                            run_status, setup_head_only_finetune, train_and_report)
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU'}")"""),
     ("Model", """\
-# PART 4 - Model: build, load the pretrained weights, freeze all but head_str, show what trains.
+# PART 4 - Model: the run's settings, the pretrained weights, and what trains (head_str; the backbone stays frozen).
 config = FinetuneConfig.from_parameters(globals(), pretrained=str(pretrained_path or ""), **setup.config_overrides())
 model = build_model(config)
 trainable = print_trainable_params(setup_head_only_finetune(model))"""),
     ("Data", """\
-# PART 5 - Data: the pair datasets (fit makes the loaders: cached features on the fast path, image pairs otherwise).
+# PART 5 - Data: the pair datasets (images are read lazily; a missing file or a bad line stops here).
 datasets = build_datasets(config)
 print("\\n".join(f"{split:5s} {dataset}" for split, dataset in datasets.items()))"""),
-    ("Optimizer, schedule and resume", """\
-# PART 6 - Optimizer, schedule, and resume from the newest valid checkpoint in the checkpoint folder.
-# After a runtime restart: run the parameters cell, then this cell onward.
-if "datasets" not in globals():  # a fresh runtime: redo PARTs 1 and 3-5 in memory (their files are kept)
-    import os; os.chdir(PROJECT_DIR)
-    import dataclasses, downloads, prepare_datasets, torch
-    from IPython.display import Image, display
-    from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, export_state_dict, fit,
-                                load_checkpoint, plot_training_history, prepare_run, save_metrics_json)
-    setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, VAL_RATIO, DEMO_SETTINGS)
-    pretrained_path = downloads.resolve_pretrained(PRETRAINED, setup.download_dir)
-    config = FinetuneConfig.from_parameters(globals(), pretrained=str(pretrained_path or ""), **setup.config_overrides())
-    model = build_model(config)
-    datasets = build_datasets(config)
-run = prepare_run(model, config)
-print(f"{run.epoch} of {config.epochs} epochs done; checkpoints in {run.ckpt_dir}")"""),
+    ("Resume", """\
+# PART 6 - Resume: what the checkpoint folder holds. PART 7 continues from its newest valid checkpoint.
+print(run_status(config.ckpt_dir))"""),
     ("Training", """\
-# PART 7 - Training: one checkpoint an epoch; an interruption loses at most the current epoch.
-run = fit(run, datasets["train"], datasets["val"])"""),
+# PART 7 - Training, then the best epoch on the validation and test splits; best_weights.pth is exported.
+# One checkpoint an epoch: stopping this cell (or a disconnect) loses at most the current epoch, and running it
+# again continues from the last checkpoint on disk, not from the half-trained model in memory.
+result = train_and_report(config, model=model, datasets=datasets)"""),
     ("Evaluation on the test split", """\
-# PART 8 - The best model on the validation and test splits (the validation EER threshold is what `finetune.py verify` uses).
-load_checkpoint(run.best_checkpoint, model=run.model)
-report = {split: evaluate_and_report(run.model, datasets[split], run.ckpt_dir, split, config) for split in ("val", "test")}
-test = report["test"]
-print(f"best epoch {run.best_epoch}: test EER {test['eer']:.2%}, accuracy {test['accuracy']:.2%}, AUC {test['auc']:.4f}")
-display(Image(filename=str(run.ckpt_dir / "test_scores.png")))"""),
+# PART 8 - The best model on the test split (the validation EER threshold is what `finetune.py verify` uses).
+test = result.metrics["test"]
+print(f"best epoch {result.run.best_epoch}: test EER {test['eer']:.2%}, accuracy {test['accuracy']:.2%}, "
+      f"AUC {test['auc']:.4f}, threshold {result.metrics['val']['threshold']:.4g}")
+display(Image(filename=str(result.run.ckpt_dir / "test_scores.png")))"""),
     ("Cross-dataset evaluation", """\
 # PART 9 - Cross-dataset evaluation: the best model on the test split of each of CROSS_DATASETS.
 for other_dataset, other_root in CROSS_DATASETS:
     prepare_datasets.ensure_pair_files(other_dataset, other_root, random_state=SEED)
     other_config = dataclasses.replace(config, dataset=other_dataset, data_root=str(other_root))
-    other = evaluate_and_report(run.model, build_datasets(other_config, splits=("test",))["test"], run.ckpt_dir,
+    other = evaluate_and_report(result.model, build_datasets(other_config, splits=("test",))["test"], result.run.ckpt_dir,
                                 f"cross_{other_dataset}_{os.path.basename(os.path.normpath(other_root))}", config)
     print(f"{other_dataset} at {other_root}: EER {other['eer']:.2%}, AUC {other['auc']:.4f}")
 print(f"{len(CROSS_DATASETS)} other datasets evaluated")"""),
     ("Plots and exports", """\
-# PART 10 - Plots and exports: training curves, history JSON, and the best weights as a plain state dict.
-save_metrics_json(run.history, run.ckpt_dir / "history.json")
-display(Image(filename=str(plot_training_history(run.history, run.ckpt_dir / "history.png"))))
-display(Image(filename=str(run.ckpt_dir / "test_roc.png")))
-weights = export_state_dict(run.best_checkpoint, run.ckpt_dir / "best_weights.pth")
-print(f"In {run.ckpt_dir}: {weights.name} (model_v3.load_pretrained reads it), best.pt, *_metrics.json, *.png")"""),
+# PART 10 - Plots and exports: training curves and ROC; the run folder's files.
+display(Image(filename=str(result.run.ckpt_dir / "history.png")))
+display(Image(filename=str(result.run.ckpt_dir / "test_roc.png")))
+print(f"In {result.run.ckpt_dir}: best_weights.pth (model_v3.load_pretrained reads it), best.pt, history.json, "
+      "*_metrics.json, *.png")"""),
 ]
 
 
