@@ -89,6 +89,12 @@ def _require_folder(path: Path, what: str) -> None:
         raise FileNotFoundError(f"dataset root {path} not found. Fix: pass the folder that holds the {what} scans.")
 
 
+def _require_run_folder(out: Path) -> None:
+    """--out must be a folder or not exist yet: checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder. Fix: give --out a folder (created when missing).")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthetic corpus, pair files, fine-tuning on the fast path, evaluation before and after."""
     from prepare_datasets import ensure_pair_files, ensure_synthetic_dataset
@@ -96,6 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     out = Path(args.out).absolute()
+    _require_run_folder(out)
     data_root = out / "data"
     config = config_from_args(args, dataset="cedar", **_resolved_run_folders(args, data_root, out))
     ensure_synthetic_dataset(
@@ -139,6 +146,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune head_str on a prepared dataset; resumes from --out unless --no-resume."""
     data_root = Path(args.data_root)
     _require_folder(data_root, args.dataset)
+    _require_run_folder(Path(args.out))
     from training_utils import train_and_report
 
     config = config_from_args(args, dataset=args.dataset, **_resolved_run_folders(args, data_root, Path(args.out)))
@@ -286,8 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         if args.debug or not _is_bad_input(error):
             raise
-        # Helpers write several lines for people; a command line wants one.
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        # Helpers write several lines for people, in Python's words where they name a fix; a command line wants
+        # one, in its own words (flags) where the error has them.
+        message = getattr(error, "command_line_message", None) or str(error)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished epochs are saved; run the same command again to continue.", file=sys.stderr)

@@ -181,6 +181,9 @@ _STATE_DICT_WRAPPERS = ("model_state_dict", "state_dict", "model")
 
 
 def _unwrap_state_dict(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, Mapping) and "trained_state_dict" in checkpoint:
+        raise ValueError(f"{source} is a fine-tuning checkpoint: it holds only the trained tensors, not the whole model. "
+                         "Load best_weights.pth of its run folder instead, or use training_utils.load_trained_model")
     state = checkpoint
     while isinstance(state, Mapping) and not all(isinstance(value, torch.Tensor) for value in state.values()):
         wrapper = next((key for key in _STATE_DICT_WRAPPERS if isinstance(state.get(key), Mapping)), None)

@@ -54,11 +54,27 @@ class ImageReadError(OSError):
     """An image file exists but cannot be decoded."""
 
 
+def _to_8_bits(values: np.ndarray) -> np.ndarray:
+    """A 16-bit (or 32-bit, or float) grayscale scan as uint8, its lowest value 0 and its highest 255.
+
+    By the values actually used, not by the type's range: a 12-bit scanner's
+    file holds 0..4095, and a cast or PIL's ``convert("L")`` (which clips at
+    255) would make it black, or white paper with no ink.
+    """
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:  # a constant image: the blank-scan check names it later
+        return np.full(values.shape, 255, dtype=np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
 def imread_tool(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as grayscale uint8 [H, W].
 
     Transparent pixels are laid on white paper first (a signature saved with
-    a transparent background would otherwise read as ink on black).
+    a transparent background would otherwise read as ink on black). 16-bit
+    grayscale scans (TIFF or PNG, PIL mode ``I;16``; also ``I`` and ``F``)
+    are scaled to 8 bits by the range of their values (``_to_8_bits``).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -66,6 +82,8 @@ def imread_tool(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with Image.open(path) as image:
+            if image.mode.startswith(("I", "F")):
+                return _to_8_bits(np.asarray(image))
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             return np.asarray(image.convert("L"), dtype=np.uint8)

@@ -54,6 +54,9 @@ BHSIG_NAME = re.compile(rf"^([HB])-S-(\d+)-([GF])-(\d+)\.{IMAGE_EXTENSIONS}$", r
 GPDS_NAME = re.compile(rf"^(cf|c)-(\d+)-(\d+)[^/]*\.{IMAGE_EXTENSIONS}$", re.IGNORECASE)
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
 class PairFileError(ValueError):
     """A pair file that cannot be used: lines that do not parse, or bad labels."""
 
@@ -108,14 +111,20 @@ class ParsedPairFile:
 
 
 def read_pair_file(path: str | os.PathLike) -> ParsedPairFile:
-    """Parse a pair file; bad lines are collected with their (1-based) numbers, not raised."""
-    text = Path(path).read_text(encoding="utf-8-sig")
+    """Parse a pair file; bad lines (also bytes that are not UTF-8) are collected with their (1-based) numbers, not raised."""
+    # surrogateescape keeps each byte that is not UTF-8 as one character in U+DC80..U+DCFF, so its line can be named.
+    text = Path(path).read_bytes().decode("utf-8-sig", errors="surrogateescape")
     pairs, line_numbers, problems = [], [], []
     n_lines = 0
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         n_lines += 1
+        not_utf8 = _NOT_UTF8.search(line)
+        if not_utf8:
+            problems.append((number, f"byte 0x{ord(not_utf8.group()) - 0xDC00:02x} (column {not_utf8.start() + 1}) is "
+                                     "not UTF-8: save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"))
+            continue
         try:
             pairs.append(parse_pair_line(line))
             line_numbers.append(number)

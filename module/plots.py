@@ -1,6 +1,7 @@
 """Figures from metrics and training histories, as PNG files (matplotlib's Agg, no pyplot state)."""
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,14 @@ def _new_figure(width: float, height: float, columns: int = 1) -> tuple[Any, lis
 
 
 def _save(figure: Any, path: str | Path) -> Path:
-    """Write ``figure`` as a PNG, atomically (a plot cut off by a disconnect is never left behind)."""
-    return atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
+    """Write ``figure`` as a PNG, atomically (a plot cut off by a disconnect is never left behind).
+
+    Rendered in memory first, so that a full disk is an ``OSError`` naming the file, whatever matplotlib does.
+    """
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    png = buffer.getvalue()
+    return atomic_write(path, lambda file: file.write(png))
 
 
 def _history_column(history: Mapping[str, Sequence[Any]], key: str) -> np.ndarray:

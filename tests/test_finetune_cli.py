@@ -173,7 +173,7 @@ def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> No
     result = finetune("train", "cedar", corpus, "--out", out, *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test EER" in result.stdout and (out / "test_metrics.json").is_file()
-    final_weights = torch.load(out / "epoch_0002.pt", weights_only=True)["model_state_dict"]["head_str.weight"]
+    final_weights = torch.load(out / "epoch_0002.pt", weights_only=True)["trained_state_dict"]["head_str.weight"]
 
     # Stopped during epoch 2: the same command continues from epoch 1, to the same weights.
     (out / "epoch_0002.pt").unlink()
@@ -181,14 +181,16 @@ def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     assert "after epoch 1" in result.stderr + result.stdout
     assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
-    assert torch.equal(torch.load(out / "epoch_0002.pt", weights_only=True)["model_state_dict"]["head_str.weight"],
+    assert torch.equal(torch.load(out / "epoch_0002.pt", weights_only=True)["trained_state_dict"]["head_str.weight"],
                        final_weights)
 
     result = finetune("train", "cedar", corpus, "--out", out, "--no-resume", *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "new run" in result.stderr + result.stdout
-    (previous,) = out.glob("previous-*")
-    assert sorted(path.name for path in previous.iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    (previous,) = out.glob("previous-*")  # the earlier run's checkpoints and report, with their checksums
+    moved = {path.name for path in previous.iterdir()}
+    assert {"best.pt", "epoch_0001.pt", "epoch_0002.pt", "best_weights.pth", "test_metrics.json", "history.json"} <= moved
+    assert all(name + ".sha256" in moved for name in moved if name.endswith((".pt", ".pth")))
     assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
 
 

@@ -75,7 +75,7 @@ def execute(source: Path, output: Path, parameters: dict, kernel_name: str) -> n
 
 def saved_run(ckpt_dir: Path, epoch: int) -> tuple[list[int], torch.Tensor]:
     checkpoint = torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)
-    return checkpoint["history"]["epoch"], checkpoint["model_state_dict"]["head_str.weight"]
+    return checkpoint["history"]["epoch"], checkpoint["trained_state_dict"]["head_str.weight"]
 
 
 def test_committed_notebook_is_the_generator_output() -> None:

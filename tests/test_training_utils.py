@@ -16,6 +16,7 @@ from model_v3 import ViT_for_OSV_DSNet
 from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
+from module.checkpoint import read_checkpoint
 from module.features import pair_distances
 from training_utils import (
     HISTORY_KEYS,
@@ -74,7 +75,7 @@ def new_model(config: FinetuneConfig, seed: int = 0) -> ViT_for_OSV_DSNet:
 
 
 def final_weights(ckpt_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)["model_state_dict"]
+    return torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)["trained_state_dict"]
 
 
 def history_without_times(history: dict) -> dict:
@@ -189,14 +190,16 @@ RESUME_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[4]))
     from model_v3 import ViT_for_OSV_DSNet
     from sig_dataloader_colab import SigDataset_CEDAR_Colab
-    from training_utils import FinetuneConfig, find_latest_checkpoint, fit, prepare_run
+    from training_utils import FinetuneConfig, find_latest_checkpoint, fit, prepare_run, seed_everything
 
-    # Everything is rebuilt from the checkpoint: its config, then the model, optimizer, schedule and RNG states.
+    # Everything is rebuilt from the checkpoint: its config, then the trained weights, optimizer, schedule and RNG
+    # states; the frozen backbone they apply to is built as the first process built it (seed 0, as new_model).
     latest = find_latest_checkpoint(sys.argv[2])
     config = FinetuneConfig.from_dict(torch.load(latest, weights_only=True)["config"])
     root = sys.argv[3]
     train = SigDataset_CEDAR_Colab(None, root, train=True, image_size=config.image_size)
     val = SigDataset_CEDAR_Colab(None, root, train=False, image_size=config.image_size, pair_file="gray_val.txt")
+    seed_everything(0)
     run = fit(prepare_run(ViT_for_OSV_DSNet(config), config), train, val, progress=False)
     print("resumed epochs", run.history["epoch"])
 """)
@@ -230,13 +233,17 @@ def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path)
     assert history_without_times(whole_ckpt["history"]) == history_without_times(parts_ckpt["history"])
     assert (whole_ckpt["best_metric"], whole_ckpt["best_epoch"]) == (parts_ckpt["best_metric"], parts_ckpt["best_epoch"])
 
-    # Every file written loads with weights_only=True; the newest keep_last=2 epochs are kept, plus best.pt.
+    # Every file written loads with weights_only=True and has its checksum; the newest keep_last=2 epochs are kept,
+    # and the best epoch's, which best.pt is a copy of.
+    kept = sorted({2, 3, run.best_epoch})
     for folder in ("whole", "parts"):
-        names = sorted(path.name for path in (tmp_path / folder).iterdir())
-        assert names == ["best.pt", "epoch_0002.pt", "epoch_0003.pt"]
+        names = sorted(path.name for path in (tmp_path / folder).iterdir() if path.suffix == ".pt")
+        assert names == ["best.pt"] + [f"epoch_{epoch:04d}.pt" for epoch in kept]
         for name in names:
-            checkpoint = torch.load(tmp_path / folder / name, weights_only=True)
+            checkpoint = read_checkpoint(tmp_path / folder / name)
             assert set(HISTORY_KEYS) <= set(checkpoint["history"])
+        assert sorted(path.name for path in (tmp_path / folder).iterdir()) == sorted(
+            names + [name + ".sha256" for name in names] + [".lock"])
 
 
 class InterruptedOnce(torch.utils.data.Dataset):
@@ -343,7 +350,7 @@ def test_head_only_fine_tune_lowers_the_validation_eer(tmp_path_factory, tmp_pat
     assert run.best_epoch > 0 and after < before
 
     # The outputs a person looks at: the best weights exported, rebuilt, evaluated and reported.
-    weights = export_state_dict(run.best_checkpoint, tmp_path / "best_weights.pth")
+    weights = export_state_dict(run.best_checkpoint, tmp_path / "best_weights.pth", model=run.model)
     best_model = build_model(config, weights)
     metrics = evaluate_and_report(best_model, val, tmp_path / "report", "val", config, progress=False)
     assert metrics["eer"] == pytest.approx(after)
@@ -364,14 +371,18 @@ def test_train_and_report_runs_the_pipeline_and_starting_over_loses_no_run(corpu
         assert (run_folder / name).is_file(), name
     assert json.loads((run_folder / "test_metrics.json").read_text())["eer"] == result.metrics["test"]["eer"]
     best = torch.load(run_folder / "best.pt", weights_only=True)
-    assert all(torch.equal(value, result.model.state_dict()[key]) for key, value in best["model_state_dict"].items())
+    assert all(torch.equal(value, result.model.state_dict()[key]) for key, value in best["trained_state_dict"].items())
     assert run_status(config.ckpt_dir).startswith(f"2 of 2 epochs done (epoch_0002.pt); best validation EER "
                                                   f"{100 * result.run.best_metric:.2f}% at epoch {result.run.best_epoch}")
 
     # Starting over moves the earlier run's checkpoints aside: nothing of it is overwritten.
     again = train_and_report(config, resume=False, progress=False)
     (previous,) = run_folder.glob("previous-*")
-    assert sorted(path.name for path in previous.iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    set_aside = ["best.pt", "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "best_weights.pth"]
+    assert result.run.best_epoch == 0  # this corpus's validation writer is told apart from the start
+    assert sorted(path.name for path in previous.iterdir()) == sorted(
+        set_aside + [name + ".sha256" for name in set_aside] + ["history.json", "history.png"]
+        + [f"{split}_{kind}" for split in ("val", "test") for kind in ("metrics.json", "roc.png", "scores.png")])
     assert torch.load(previous / "best.pt", weights_only=True)["history"] == best["history"]
     assert again.run.history["epoch"] == [0, 1, 2]
 
