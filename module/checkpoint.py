@@ -19,6 +19,7 @@ import io
 import pickle
 import random
 import re
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -115,6 +116,12 @@ def save_torch_file(path: str | Path, value: Any) -> Path:
 def _verified_bytes(path: Path, expected: str) -> bytes:
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        # A reader can come between a writer's new checksum and its rename (save_torch_file): look once more.
+        time.sleep(0.2)
+        expected = recorded_checksum(path) or expected
+        data = path.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise CheckpointError(
             f"{path} is damaged (truncated or corrupt): its SHA-256 is {actual[:16]}..., "

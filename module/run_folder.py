@@ -341,18 +341,24 @@ def sync_best_checkpoint(folder: str | Path, best_source: str | Path) -> bool:
     return True
 
 
-def prune_checkpoints(directory: str | Path, keep_last: int, keep_epochs: Iterable[int] = ()) -> None:
+def prune_checkpoints(directory: str | Path, keep_last: int, keep_epochs: Iterable[int] = (),
+                      current_epoch: int | None = None) -> None:
     """Delete epoch checkpoints (and their checksums) but the newest ``keep_last`` and those of ``keep_epochs``.
 
     ``keep_epochs``: the best epoch, whose checkpoint ``best.pt`` is made
-    from. Also deletes what interrupted writes left (``clean_run_folder``:
-    call it between writes, holding the lock).
+    from. ``current_epoch``: the run's; checkpoints after it are what a
+    resume skipped (damaged, or an interrupted run's) and go too, and "newest"
+    counts from it. Also deletes what interrupted writes left
+    (``clean_run_folder``: call it between writes, holding the lock).
     """
     directory = Path(directory)
-    kept = set(keep_epochs)
-    for _, path in [item for item in _epoch_checkpoints(directory) if item[0] not in kept][keep_last:]:
-        path.unlink(missing_ok=True)
-        checksum_path(path).unlink(missing_ok=True)
+    found = _epoch_checkpoints(directory)
+    up_to_now = [epoch for epoch, _ in found if current_epoch is None or epoch <= current_epoch]
+    kept = set(keep_epochs) | set(up_to_now[:keep_last])
+    for epoch, path in found:
+        if epoch not in kept:
+            path.unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)
     clean_run_folder(directory)
 
 
@@ -413,6 +419,7 @@ def continue_run(run: Any, point: ResumePoint, must_match: Sequence[str]) -> Non
     if sync_best_checkpoint(run.ckpt_dir, point.best_source):
         tqdm.write(f"{run.ckpt_dir / BEST_CHECKPOINT} made again from {point.best_source.name} "
                    "(it was missing, stale or damaged)")
+    prune_checkpoints(run.ckpt_dir, run.config.keep_last, [run.best_epoch], current_epoch=run.epoch)
 
 
 def reload_after_interruption(run: Any, must_match: Sequence[str]) -> None:
@@ -443,7 +450,7 @@ def commit_epoch(run: Any, improved: bool) -> Path:
     if improved or run.best_source is None:
         run.best_source = path if improved else epoch_checkpoint_path(run.ckpt_dir, run.best_epoch)
     sync_best_checkpoint(run.ckpt_dir, run.best_source)
-    prune_checkpoints(run.ckpt_dir, run.config.keep_last, keep_epochs=[run.best_epoch])
+    prune_checkpoints(run.ckpt_dir, run.config.keep_last, [run.best_epoch], current_epoch=run.epoch)
     return path
 
 

@@ -209,6 +209,10 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "best.pt", "epoch_0002.pt", "epoch_0002.pt.sha256", "epoch_0004.pt", "epoch_0004.pt.sha256",
         "epoch_0005.pt", "epoch_0005.pt.sha256"]
+    # A run set back to epoch 4 (epoch 5 was damaged): epoch 5 goes, and the newest are counted from epoch 4.
+    prune_checkpoints(tmp_path, keep_last=1, keep_epochs=[2], current_epoch=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt", "epoch_0002.pt", "epoch_0002.pt.sha256", "epoch_0004.pt", "epoch_0004.pt.sha256"]
 
 
 def test_export_state_dict_is_plain_weights(tmp_path) -> None:
