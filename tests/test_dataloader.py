@@ -169,6 +169,13 @@ def test_bad_pair_files(cedar, tmp_path, text, message):
         SigDataset_CEDAR_Colab(None, cedar, pair_file=tmp_path / "bad.txt")
 
 
+def test_a_pair_file_that_is_not_utf8_names_the_line(cedar, tmp_path):
+    text = "full_org/original_1_1.png\tfull_org/original_1_2.png\t1\nfull_org/origin\xe9l_1_3.png\tx.png\t0\n"
+    (tmp_path / "latin1.txt").write_bytes(text.encode("latin-1"))
+    with pytest.raises(PairFileError, match=r"latin1.txt: 1 of 2 lines .*\n  line 2: byte 0xe9 \(column 16\) is not UTF-8"):
+        SigDataset_CEDAR_Colab(None, cedar, pair_file=tmp_path / "latin1.txt")
+
+
 def test_missing_images_are_counted_and_named(cedar, tmp_path):
     pairs = [(f"full_org/original_1_{(n - 1) % 4 + 1}.png", f"full_forg/forgeries_9_{n}.png", 0) for n in range(1, 9)]
     write_pair_file(tmp_path / "p.txt", pairs)
@@ -210,6 +217,27 @@ def test_transparent_background_reads_as_white_paper(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
     gray = imread_tool(tmp_path / "t.png")
     assert gray[0, 0] == 255 and gray[20, 20] == 0
+
+
+def test_a_16_bit_scan_reads_like_its_8_bit_twin(cedar, tmp_path):
+    """16-bit PNG and TIFF (PIL mode I;16, little and big endian) and 12-bit data in 16 bits, scaled by their range."""
+    scan = np.asarray(Image.open(cedar / "full_org/original_1_1.png"))
+    low, high = int(scan.min()), int(scan.max())
+    twin = np.rint((scan - low) * (255 / (high - low))).astype(np.uint8)  # the scan's 8-bit twin, 0 to 255
+    Image.fromarray(twin).save(tmp_path / "8bit.png")
+    sixteen = twin.astype(np.uint16) * 257
+    Image.fromarray(sixteen).save(tmp_path / "16bit.png")
+    Image.fromarray(sixteen).save(tmp_path / "16bit.tif")
+    Image.fromarray(sixteen.byteswap().view(">u2")).save(tmp_path / "16bit_big_endian.tif")
+    Image.fromarray(np.rint(twin * (4095 / 255)).astype(np.uint16)).save(tmp_path / "12bit.tif")
+    expected = load_signature(tmp_path / "8bit.png", S)
+    for name in ("16bit.png", "16bit.tif", "16bit_big_endian.tif", "12bit.tif"):
+        assert Image.open(tmp_path / name).mode.startswith("I;16"), name
+        assert np.array_equal(imread_tool(tmp_path / name), twin), name
+        assert torch.equal(load_signature(tmp_path / name, S), expected), name
+    Image.fromarray(np.full((40, 60), 3000, np.uint16)).save(tmp_path / "blank16.png")
+    with pytest.raises(BlankScanError, match="blank16.png"):
+        load_signature(tmp_path / "blank16.png", S)
 
 
 def test_raw_mode_skips_normalization(cedar):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,6 +161,20 @@ def test_evaluate_and_verify_a_run(demo_run: Path) -> None:
     result = finetune("verify", data / "full_org/original_1_1.png", data / "full_forg/forgeries_1_1.png", "--run", demo_run)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"threshold {threshold:.6g}" in result.stdout and ("GENUINE" in result.stdout or "FORGED" in result.stdout)
+
+
+def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    scan = np.asarray(Image.open(demo_run / "data/full_org/original_1_1.png"))
+    twin = np.rint((scan - scan.min()) * (255 / (scan.max() - scan.min()))).astype(np.uint8)  # 0 to 255
+    Image.fromarray(twin).save(tmp_path / "reference_8bit.png")
+    Image.fromarray(twin.astype(np.uint16) * 257).save(tmp_path / "reference_16bit.tif")
+    query = demo_run / "data/full_forg/forgeries_1_1.png"
+    eight, sixteen = (finetune("verify", tmp_path / name, query, "--run", demo_run)
+                      for name in ("reference_8bit.png", "reference_16bit.tif"))
+    assert eight.returncode == 0 and sixteen.returncode == 0, eight.stderr[-2000:] + sixteen.stderr[-2000:]
+    assert sixteen.stdout == eight.stdout and "distance" in eight.stdout
 
 
 def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> None:
