@@ -87,7 +87,7 @@ class RunFolderInUse(RunFolderError):
 def _start_over(problem: str) -> RunFolderError:
     """``problem`` plus how to start over, in Python's words and in the command line's."""
     moved = "the earlier files are moved into a previous-<date> sub-folder, nothing is deleted"
-    return RunFolderError(f"{problem}. To start over, pass resume=False ({moved}).",
+    return RunFolderError(f"{problem}. To start over, pass resume=False (the notebook's RESUME = False; {moved}).",
                           f"{problem}. To start over, run the command again with --no-resume ({moved}).")
 
 
@@ -401,7 +401,8 @@ def continue_run(run: Any, point: ResumePoint, must_match: Sequence[str]) -> Non
     if differences:
         problem = (f"{point.path} was written with other settings, so it cannot continue under these:\n  "
                    + "\n  ".join(differences) + "\nUse the checkpoint's settings to resume, or start a new run")
-        raise RunFolderError(f"{problem} (another ckpt_dir, or start over with resume=False).",
+        raise RunFolderError(f"{problem} (another ckpt_dir, or start over with resume=False: the notebook's "
+                             "RESUME = False).",
                              f"{problem} (another --out folder, or start over with --no-resume).")
     try:
         apply_checkpoint(checkpoint, point.path, run.model, run.optimizer, run.scheduler, run.scaler,

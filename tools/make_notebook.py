@@ -36,6 +36,7 @@ PRETRAINED: str = ""            # DetailSemNet weights: a .pth path, a Google Dr
 GDRIVE_IDS: dict = {}           # downloaded first: {"CEDAR.zip": "<Drive file id>"} or {"CEDAR.zip": {"id": "...", "md5": "..."}}
 EXTRACT_DIR: str = "data"       # archives from GDRIVE_IDS are extracted here (local disk: fast to read)
 CKPT_DIR: str = ""              # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect)
+RESUME: bool = True             # False: start over (CKPT_DIR's earlier checkpoints move to previous-<date>/); then set it back
 EPOCHS: int = 10
 BATCH_SIZE: int = 32
 LR: float = 4e-4                # peak learning rate of head_str (the warm-up climbs to it)
@@ -109,7 +110,7 @@ print(run_status(config.ckpt_dir))"""),
 # PART 7 - Training, then the best epoch on the validation and test splits; best_weights.pth is exported.
 # One checkpoint an epoch: stopping this cell (or a disconnect) loses at most the current epoch, and running it
 # again continues from the last checkpoint on disk, not from the half-trained model in memory.
-result = train_and_report(config, model=model, datasets=datasets)"""),
+result = train_and_report(config, model=model, datasets=datasets, resume=RESUME)"""),
     ("Evaluation on the test split", """\
 # PART 8 - The best model on the test split (the validation EER threshold is what `finetune.py verify` uses).
 test = result.metrics["test"]
