@@ -569,11 +569,9 @@ def load_trained_model(run: str | Path) -> tuple[FinetuneConfig, ViT_for_OSV_DSN
     config = FinetuneConfig.from_dict(checkpoint["config"])
     config = dataclasses.replace(config, ckpt_dir=str(checkpoint_path.parent.absolute()))
     best_weights = checkpoint_path.parent / BEST_WEIGHTS
-    base_weights = [(str(best_weights), lambda: build_model(config, best_weights))]
-    if config.pretrained:
-        base_weights.append((f"the run's pretrained weights {config.pretrained}", lambda: build_model(config)))
-    else:
-        base_weights.append((f"a fresh backbone seeded with {config.seed}", lambda: build_model(config)))
+    base = f"the run's pretrained weights {config.pretrained}" if config.pretrained else \
+        f"a fresh backbone seeded with {config.seed}"
+    base_weights = [(str(best_weights), lambda: build_model(config, best_weights)), (base, lambda: build_model(config))]
     return config, rebuild_trained_model(checkpoint, checkpoint_path, base_weights).eval()
 
 
