@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{trial.name}: {found[:5]}")
         print(f"{trial.name}: {kills} kill(s), {'equal' if not found else 'DIFFERENT: ' + str(found[:3])}", flush=True)
 
-    print("\n" + "\n".join(f"{name:>22}: {value}" for name, value in totals.items()))
-    print(f"{'killed while writing':>22}: {', '.join(f'{name} {count}' for name, count in sorted(written.items()))}")
-    print(f"{'total time':>22}: {time.monotonic() - start:.0f} s")
+    print("\n" + "\n".join(f"{name:>26}: {value}" for name, value in totals.items()))
+    print(f"{'killed while writing':>26}: {', '.join(f'{name} {count}' for name, count in sorted(written.items()))}")
+    print(f"{'total time':>26}: {time.monotonic() - start:.0f} s")
     for failure in failures:
         print(failure, file=sys.stderr)
     return 1 if failures else 0
