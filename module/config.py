@@ -71,7 +71,7 @@ class FinetuneConfig:
     feature_dir: str = _setting("", "folder for memory-mapped features (empty: in RAM)")
     eval_batch_size: int = _setting(64, "images per backbone pass and pairs per evaluation batch")
     # checkpoints and reproducibility
-    keep_last: int = _setting(2, "epoch checkpoints kept besides best.pt")
+    keep_last: int = _setting(2, "newest epoch checkpoints kept, besides the best epoch's (best.pt is its copy)")
     seed: int = _setting(42, "seed of the weights' initialisation, the pair order and the augmentation")
     device: str = _setting("auto", "auto (CUDA when available), cpu or cuda[:n]")
     # model options, read by ViT_for_OSV_DSNet (spec section 1)
