@@ -1,7 +1,6 @@
 """The training loop: fast path == per-pair path, exact resume, stops, checkpoints, plots, fine-tuning helps."""
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from model_v3 import ViT_for_OSV_DSNet
 from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
+import module.features
+from module.feature_store import ChunkedTokens
 from module.features import pair_distances
 from training_utils import (
     HISTORY_KEYS,
@@ -125,7 +126,7 @@ def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -
 
 # --------------------------------------------------------------------------- the two paths agree
 
-def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
+def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path, monkeypatch) -> None:
     train, val = datasets(corpus)
     torch.manual_seed(0)
     model = setup_head_only_finetune(ViT_for_OSV_DSNet())
@@ -171,14 +172,14 @@ def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
     assert half.tokens.dtype == torch.float16
     np.testing.assert_allclose(validate(model, half, progress=False)[1]["distances"], cached["distances"], atol=2e-2)
 
-    # On disk: a memory map, the same numbers, and its folder goes with the cache.
-    on_disk = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
-    assert isinstance(on_disk.tokens, np.memmap)
-    assert np.array_equal(np.asarray(on_disk.tokens), cache.tokens.numpy())
-    assert validate(model, on_disk, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
-    del on_disk
-    gc.collect()
-    assert list((tmp_path / "features").iterdir()) == []
+    # Through the feature store: the same numbers, read back into RAM, or memory-mapped when RAM is short.
+    stored = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
+    assert stored.embedded == len(stored.paths) and torch.equal(stored.tokens, cache.tokens)
+    monkeypatch.setattr(module.features, "available_memory", lambda: 1)
+    mapped = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
+    assert mapped.embedded == 0 and isinstance(mapped.tokens, ChunkedTokens)
+    assert np.array_equal(mapped.tokens[np.arange(len(mapped.paths))], cache.tokens.numpy())
+    assert validate(model, mapped, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
 
 
 # --------------------------------------------------------------------------- exact resume
