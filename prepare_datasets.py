@@ -54,7 +54,8 @@ from module.pair_files import (
     write_pair_file,
     writer_of,
 )
-from module.wording import command_line, flag, option, prepare_command, writer_ranges
+from module.pair_options import PAIR_OPTIONS, add_pair_options, pair_options_of
+from module.wording import command_line, option, prepare_command, writer_ranges
 from synthetic_signatures import ensure_synthetic_dataset, make_synthetic_dataset
 
 __all__ = [
@@ -259,12 +260,6 @@ def generate_gdps_pairs(
 # Pair files that are made once: for notebooks run again, for training and for evaluation
 
 GENERATORS = {"cedar": generate_cedar_pairs, "bhsig": generate_bhsig_pairs, "gpds": generate_gdps_pairs}
-# Each layout's own options (besides val_ratio and random_state), as both command lines take them.
-PAIR_OPTIONS = {
-    "cedar": ("train_ratio", "forgery_pairs_per_writer", "paper_protocol"),
-    "bhsig": ("language", "test_writers"),
-    "gpds": ("resplit", "test_ratio", "max_train_pairs", "max_val_pairs", "max_test_pairs"),
-}
 
 
 def _dataset_name(dataset: str) -> str:
@@ -388,48 +383,6 @@ def pair_file_fix(dataset: str, data_root: str | os.PathLike, missing: Sequence[
 
 # ---------------------------------------------------------------------------
 # Command line
-
-def _writer_list(text: str) -> list[int]:
-    """'1-60' or '1,3,5-9' -> writer ids."""
-    writers = []
-    for part in text.split(","):
-        low, _, high = part.strip().partition("-")
-        writers += list(range(int(low), int(high or low) + 1))
-    return writers
-
-
-_OPTION_HELP: dict[str, tuple[dict[str, Any], str]] = {
-    "train_ratio": ({"type": float}, "cedar: share of writers for training and validation (default 0.73)"),
-    "forgery_pairs_per_writer": ({"type": int}, "cedar: forgery pairs a writer (default all 576)"),
-    "paper_protocol": ({"action": "store_true", "default": None},
-                       "cedar: the paper's protocol, 50/5 writers and 276 forgery pairs a writer"),
-    "language": ({"choices": ("hindi", "bengali")}, "bhsig: the scans' language (default: from the file names)"),
-    "test_writers": ({"type": _writer_list}, "bhsig: test writers, e.g. 1-20,31 (default: Hindi 1-60, Bengali 1-50)"),
-    "resplit": ({"action": "store_true", "default": None},
-                "gpds: pool train/ and test/ and split by writer into train/val/test"),
-    "test_ratio": ({"type": float}, "gpds --resplit: share of writers for testing (default 0.2)"),
-    "max_train_pairs": ({"type": int}, "gpds: draw at most this many training pairs, keeping the class ratio"),
-    "max_val_pairs": ({"type": int}, "gpds: at most this many validation pairs"),
-    "max_test_pairs": ({"type": int}, "gpds: at most this many test pairs"),
-}
-
-
-def add_pair_options(parser: argparse.ArgumentParser, datasets: Sequence[str], val_ratio: float) -> None:
-    """The pair-file options of `datasets` (PAIR_OPTIONS), --val-ratio and --seed: one definition for both command lines."""
-    parser.add_argument("--val-ratio", type=float, default=val_ratio,
-                        help="share of writers for gray_val.txt, which picks the best epoch (default %(default)s)")
-    parser.add_argument("--seed", dest="random_state", type=int, default=42, help="the split's seed (default %(default)s)")
-    for dataset in datasets:
-        for name in PAIR_OPTIONS[dataset]:
-            settings, help_text = _OPTION_HELP[name]
-            parser.add_argument(flag(name), dest=name, help=help_text, **{"default": None, **settings})
-
-
-def pair_options_of(args: argparse.Namespace, datasets: Sequence[str]) -> dict[str, Any]:
-    """The layout options given on the command line (those left out take the generators' defaults)."""
-    return {name: getattr(args, name) for dataset in datasets for name in PAIR_OPTIONS[dataset]
-            if getattr(args, name, None) is not None}
-
 
 def _print_generated(result: dict) -> None:
     for split, path in result["files"].items():

@@ -269,7 +269,7 @@ def split_sizes(n_writers: int, test_ratio: float, val_ratio: float, test_option
     if n_test + n_val >= n_writers:
         raise ValueError(
             f"{n_writers} usable writers are too few for {n_test} test and {n_val} validation writers and one "
-            f"for training: lower {option('val_ratio')} or {'raise' if test_option == 'train_ratio' else 'lower'} "
-            f"{option(test_option)}"
+            f"for training: lower {option('val_ratio')}"
+            + (f" or {'raise' if test_option == 'train_ratio' else 'lower'} {option(test_option)}" if n_test else "")
         )
     return n_test, n_val

@@ -231,10 +231,12 @@ def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path)
     assert history_without_times(whole_ckpt["history"]) == history_without_times(parts_ckpt["history"])
     assert (whole_ckpt["best_metric"], whole_ckpt["best_epoch"]) == (parts_ckpt["best_metric"], parts_ckpt["best_epoch"])
 
-    # Every file written loads with weights_only=True; the newest keep_last=2 epochs are kept, plus best.pt.
+    # Every file written loads with weights_only=True; the newest keep_last=2 epochs are kept, plus best.pt
+    # (and the feature store, features/).
     for folder in ("whole", "parts"):
-        names = sorted(path.name for path in (tmp_path / folder).iterdir())
+        names = sorted(path.name for path in (tmp_path / folder).glob("*.pt"))
         assert names == ["best.pt", "epoch_0002.pt", "epoch_0003.pt"]
+        assert sorted(path.name for path in (tmp_path / folder).iterdir()) == [*names, "features"]
         for name in names:
             checkpoint = torch.load(tmp_path / folder / name, weights_only=True)
             assert set(HISTORY_KEYS) <= set(checkpoint["history"])
