@@ -185,7 +185,6 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from training_utils import load_trained_model, run_threshold, starting_model_note
 
     threshold, source = (args.threshold, "--threshold") if args.threshold is not None else run_threshold(args.run)
-    if note := starting_model_note(args.run): print(f"warning: {note}", file=sys.stderr)  # noqa: E701 - one line
     config, model = load_trained_model(args.run)
     device = config.resolved_device()
     images = [load_signature(path, config.image_size).unsqueeze(0).to(device) for path in (args.reference, args.query)]
@@ -193,6 +192,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
         distance = model.compare(model.embed(images[0]), model.embed(images[1])).item()
     decision = "GENUINE" if distance <= threshold else "FORGED"
     print(f"distance {distance:.6g}, threshold {threshold:.6g} ({source}): {decision}")
+    if note := starting_model_note(args.run): print(f"warning: {note}", file=sys.stderr)  # noqa: E701 - one line
 
 
 def build_parser() -> argparse.ArgumentParser:

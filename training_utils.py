@@ -355,7 +355,8 @@ def fit(
         train_data = train_set
 
     def train_loader(epoch: int) -> Iterable[Any]:
-        sample = epoch_pair_sample(pair_labels(train_data), config.max_train_pairs_per_epoch, config.seed, epoch)
+        sample = epoch_pair_sample(pair_labels(train_data), config.max_train_pairs_per_epoch, config.seed, epoch) \
+            if config.max_train_pairs_per_epoch else None
         return make_pair_loader(train_data, config.batch_size, shuffle=True, generator=run.data_generator,
                                 num_workers=config.num_workers, pin_memory=device.type == "cuda", pairs=sample)
 

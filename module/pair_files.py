@@ -139,6 +139,7 @@ class PairIndex:
         images: the ``M`` distinct paths named, as written (relative to the root), sorted.
         rows: ``[P, 2]`` int32, each pair's (reference, query) as rows into ``images``.
         labels: ``[P]`` uint8, 1 genuine-genuine, 0 genuine-forgery.
+        line_numbers: ``[P]`` int32, each pair's (1-based) line.
         problems, n_lines: as ``ParsedPairFile``.
     """
 
@@ -146,6 +147,7 @@ class PairIndex:
     images: list[str]
     rows: np.ndarray
     labels: np.ndarray
+    line_numbers: np.ndarray
     problems: list[tuple[int, str]]
     n_lines: int
 
@@ -156,7 +158,7 @@ class PairIndex:
 def read_pair_index(path: str | os.PathLike) -> PairIndex:
     """Parse a pair file line by line into a ``PairIndex`` (no list of tuples; bad lines collected, not raised)."""
     row_of: dict[str, int] = {}
-    rows, labels = array("i"), bytearray()
+    rows, labels, line_numbers = array("i"), bytearray(), array("i")
     problems = []
     n_lines = 0
     with open(path, encoding="utf-8-sig") as file:
@@ -172,12 +174,14 @@ def read_pair_index(path: str | os.PathLike) -> PairIndex:
             rows.append(row_of.setdefault(reference, len(row_of)))
             rows.append(row_of.setdefault(query, len(row_of)))
             labels.append(label)
+            line_numbers.append(number)
     images = sorted(row_of)
     # Rows were numbered in order of appearance; renumber them in sorted order.
     new_row = np.empty(len(row_of), dtype=np.int32)
     new_row[[row_of[image] for image in images]] = np.arange(len(images), dtype=np.int32)
     pair_rows = new_row[np.frombuffer(rows, dtype=np.int32).reshape(-1, 2)] if rows else np.zeros((0, 2), np.int32)
-    return PairIndex(str(path), images, pair_rows, np.frombuffer(bytes(labels), dtype=np.uint8).copy(), problems, n_lines)
+    return PairIndex(str(path), images, pair_rows, np.frombuffer(bytes(labels), dtype=np.uint8).copy(),
+                     np.frombuffer(line_numbers, dtype=np.int32).copy(), problems, n_lines)
 
 
 def write_pair_file(path: str | os.PathLike, pairs: Iterable[Pair]) -> int:
@@ -301,9 +305,18 @@ class PairFileReport:
         return self.summary()
 
 
-def _writers_in(pairs: Iterable[Pair]) -> tuple[set[int], int]:
+def _duplicates(index: PairIndex) -> list[tuple[int, int]]:
+    """(line number, line number of its first occurrence) of each pair listed before, in either order."""
+    low, high = np.minimum(index.rows[:, 0], index.rows[:, 1]), np.maximum(index.rows[:, 0], index.rows[:, 1])
+    keys = low.astype(np.int64) * len(index.images) + high
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    repeated = np.flatnonzero(first[inverse.reshape(-1)] != np.arange(len(keys)))
+    return [(int(index.line_numbers[i]), int(index.line_numbers[first[inverse.reshape(-1)[i]]])) for i in repeated]
+
+
+def _writers_in(paths: Iterable[str]) -> tuple[set[int], int]:
     writers, unknown = set(), 0
-    for path in {p for a, b, _ in pairs for p in (a, b)}:
+    for path in paths:
         w = writer_of(path)
         if w is None:
             unknown += 1
@@ -389,36 +402,28 @@ def validate_pair_file(
     path = resolve_pair_file(root, pair_file)
     if not path.is_file():
         raise FileNotFoundError(f"pair file {path} not found")
-    parsed = read_pair_file(path)
-    seen: dict[frozenset, int] = {}
-    duplicates = []
-    for (a, b, _), number in zip(parsed.pairs, parsed.line_numbers):
-        key = frozenset((a, b))
-        if key in seen:
-            duplicates.append((number, seen[key]))
-        else:
-            seen[key] = number
-    paths = sorted({p for a, b, _ in parsed.pairs for p in (a, b)})
+    index = read_pair_index(path)  # arrays: a GPDS file of 4 M pairs is checked in bounded memory
+    paths = index.images
     present = existing_files(root, paths)
-    writers, unknown = _writers_in(parsed.pairs)
+    writers, unknown = _writers_in(paths)
     others = [] if other_pair_files is None else [resolve_pair_file(root, p) for p in other_pair_files]
     if other_pair_files is None or with_siblings:
         others += [sibling for sibling in _sibling_pair_files(path) if sibling not in others]
     shared = {}
     for other in others:
-        other_writers, _ = _writers_in(read_pair_file(other).pairs)
+        other_writers, _ = _writers_in(read_pair_index(other).images)
         shared[str(other)] = sorted(writers & other_writers)
-    genuine = sum(label for _, _, label in parsed.pairs)
+    genuine = int(index.labels.sum(dtype=np.int64))
     return PairFileReport(
         pair_file=str(path),
-        lines=parsed.n_lines,
+        lines=index.n_lines,
         genuine=genuine,
-        forgery=len(parsed.pairs) - genuine,
+        forgery=len(index.labels) - genuine,
         writers=sorted(writers),
         unknown_writer_paths=unknown,
         missing_files=[p for p in paths if p not in present],
-        malformed=parsed.problems,
-        duplicates=duplicates,
+        malformed=index.problems,
+        duplicates=_duplicates(index),
         shared_writers=shared,
         undecodable_files=undecodable_images(root, sorted(present)) if check_images else [],
     )

@@ -298,6 +298,32 @@ def test_resume_refuses_other_settings_and_a_finished_run_stays_finished(corpus:
         prepare_run(new_model(config), config_for(tmp_path, epochs=2, patience=1, min_improvement=0.9, lr=4e-2))
 
 
+def test_a_fresh_sample_of_pairs_each_epoch_is_drawn_again_on_resume(corpus: str, tmp_path: Path, monkeypatch) -> None:
+    """max_train_pairs_per_epoch: 10 of the 36 training pairs an epoch, the same after an interruption."""
+    import training_utils
+
+    sampled: list[list[int]] = []
+
+    def recording(model, loader, *args, **kwargs):
+        sampled.append(sorted(loader.sampler.indices))
+        return train_one_epoch(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(training_utils, "train_one_epoch", recording)
+    train, val = datasets(corpus)
+    whole = config_for(tmp_path / "whole", max_train_pairs_per_epoch=10)
+    fit(prepare_run(new_model(whole), whole), train, val, progress=False)
+    assert [len(pairs) for pairs in sampled] == [10, 10, 10] and sampled[0] != sampled[1]
+    assert all(sum(train.pair_labels[pairs]) == 3 for pairs in sampled)  # 12 of the 36 pairs are genuine
+
+    parts = config_for(tmp_path / "parts", max_train_pairs_per_epoch=10)
+    with pytest.raises(Interrupt):
+        fit(prepare_run(new_model(parts), parts), train, val, progress=False, on_epoch_end=interrupt_after(1))
+    fit(prepare_run(new_model(parts), parts), train, val, progress=False)
+    assert sampled[3:] == sampled[:3]
+    expected, resumed = final_weights(tmp_path / "whole", 3), final_weights(tmp_path / "parts", 3)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus: str, tmp_path: Path) -> None:
     train, val = datasets(corpus)
     config = config_for(tmp_path)
