@@ -79,6 +79,7 @@ from module.metrics import compute_metrics, save_metrics_json
 from module.pair_files import PAIR_FILES
 from module.plots import plot_roc_curve, plot_score_distribution, plot_training_history
 from module.scheduler import GradualWarmupScheduler
+from module.wording import option
 from prepare_datasets import pair_file_fix
 from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
 
@@ -525,12 +526,12 @@ def train_and_report(
     datasets = datasets if datasets is not None else build_datasets(config)
     if config.feature_dtype == "auto":  # chosen once a run: a resumed run keeps its checkpoints' choice
         latest = find_latest_checkpoint(config.ckpt_dir) if resume else None
-        chosen = read_checkpoint(latest)["config"]["feature_dtype"] if latest else "auto"
-        n_images = len({path for split in datasets.values() for path in split.image_paths()})
-        config = dataclasses.replace(config, feature_dtype=resolve_feature_dtype(chosen, n_images, config.image_size, _log))
+        chosen = read_checkpoint(latest)["config"]["feature_dtype"] if latest else resolve_feature_dtype(
+            "auto", len({path for split in datasets.values() for path in split.image_paths()}), config.image_size, _log)
+        config = dataclasses.replace(config, feature_dtype=chosen)
     if not config.pretrained:
-        _log("the backbone is fresh (no pretrained weights): its features say little about a writer, so expect "
-             "numbers near chance; pretrained DetailSemNet weights give fine-tuning real structure to work with")
+        _log(f"the backbone is fresh (no {option('pretrained')} weights): its features say little about a writer, so "
+             "fine-tuning the head has little to work with; the authors' weights give it real structure")
     model = model if model is not None else build_model(config)
     if not (resume and (Path(config.ckpt_dir) / "test_before_metrics.json").is_file()):
         # The starting model on the test split, rebuilt as the run starts (the model given may have trained since).

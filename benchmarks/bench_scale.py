@@ -165,9 +165,12 @@ def main() -> None:
     per_pair = [row["epoch"]["seconds"] / row["epoch_pairs"] for row in rows]
     print(f"  epoch time per 10,000 training pairs: {1e4 * sum(per_pair) / len(per_pair):.1f} s "
           f"(mean over sizes; {args.epoch_pairs:,} pairs drawn an epoch)")
-    _, store_bytes = fit_slope(images, [row["store_bytes"] for row in rows])
-    print(f"  store on disk: {store_bytes:.0f} bytes an image at {args.image_size} px "
-          f"(float32 tokens: {(args.image_size // 32) ** 2 * 384 * 4} bytes, plus the chunk records)")
+    stored = [row["train_images"] + row["val_images"] for row in rows]
+    _, store_bytes = fit_slope(stored, [row["store_bytes"] for row in rows])
+    print(f"  store on disk: {store_bytes:.0f} bytes a stored image at {args.image_size} px "
+          f"(float32 tokens: {(args.image_size // 32) ** 2 * 384 * 4} bytes, plus its record)")
+    print("\nbaseline resident memory (torch, the model) before the first stage: "
+          + ", ".join(f"{row['datasets']['before_mib']:.0f} MiB" for row in rows))
 
 
 if __name__ == "__main__":
