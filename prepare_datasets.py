@@ -226,7 +226,7 @@ def generate_gdps_pairs(
         done = "pooled by the re-split" if resplit else \
             f"the folder split is not writer-disjoint; {option('resplit')} pools the folders and splits by writer"
         notes.append(f"{len(shared)} writer(s) appear in both {root / 'train'} and {root / 'test'} "
-                     f"({writer_ranges(shared[:20])}{', ...' if len(shared) > 20 else ''}): {done}")
+                     f"(ids {writer_ranges(shared[:20])}{', ...' if len(shared) > 20 else ''}): {done}")
     rng = np.random.default_rng(random_state)
     if resplit:
         pooled, pooled_notes = usable_writers(folder_splits["train"].merged(folder_splits["test"]))
