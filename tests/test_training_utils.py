@@ -1,6 +1,7 @@
 """The training loop: fast path == per-pair path, exact resume, stops, checkpoints, plots, fine-tuning helps."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -116,8 +117,9 @@ def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -
     assert (config.epochs, config.batch_size, config.fast_head_only, config.lr) == (4, 8, False, FinetuneConfig.lr)
     with pytest.raises(ValueError, match="unknown FinetuneConfig settings: root"):
         FinetuneConfig.from_parameters(parameters, root=corpus)
-    splits = build_datasets(config, splits=("train", "val"))
+    splits = build_datasets(dataclasses.replace(config, cache_dir="preprocessed"), splits=("train", "val"))
     assert splits["train"].augment and not splits["val"].augment
+    assert splits["train"].cache_dir == splits["val"].cache_dir == Path("preprocessed")  # the cache_dir setting
     assert splits["val"].pair_file.endswith("gray_val.txt") and splits["val"].image_size == IMAGE_SIZE
     with pytest.raises(ValueError, match="dataset must be one of cedar, gpds, bhsig; got 'mnist'"):
         FinetuneConfig(dataset="mnist", data_root=corpus)
