@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tarfile
+import time
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -350,7 +351,11 @@ def extract_archive(archive: Path | str, target_dir: Path | str, quiet: bool = F
                 _check_member_path(archive, member.filename, target_dir)
             for member in tqdm(members, desc=f"Extracting {archive.name}", unit="file", disable=quiet):
                 with _naming_target(archive, target_dir):
-                    zipped.extract(member, target_dir)
+                    extracted = zipped.extract(member, target_dir)
+                    # zipfile stamps files with the time of extraction; the archive's own time (as tar keeps it) lets
+                    # the feature store recognise the scans when a new Colab runtime extracts the archive again.
+                    archived_at = time.mktime((*member.date_time, 0, 0, -1))
+                    os.utime(extracted, (archived_at, archived_at))
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
             members = _checked_tar_members(archive, tar, target_dir)

@@ -98,7 +98,7 @@ def _require_run_folder(out: Path) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthetic corpus, pair files, fine-tuning on the fast path, evaluation before and after."""
     from prepare_datasets import ensure_pair_files, ensure_synthetic_dataset
-    from training_utils import build_datasets, build_model, evaluate_and_report, train_and_report
+    from training_utils import train_and_report
 
     start = time.perf_counter()
     out = Path(args.out).absolute()
@@ -110,15 +110,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         seed=args.seed, image_size=args.canvas,
     )
     ensure_pair_files("cedar", data_root, val_ratio=args.val_ratio, random_state=args.seed)
-
-    before_file = out / "test_before_metrics.json"
-    if before_file.is_file() and not args.no_resume:
-        before = json.loads(before_file.read_text())
-    else:
-        # The starting model's test EER, measured before any checkpoint can replace its weights.
-        before = evaluate_and_report(build_model(config), build_datasets(config, splits=("test",))["test"], out,
-                                     "test_before", config)
     after = train_and_report(config, resume=not args.no_resume).metrics["test"]
+    before = json.loads((out / "test_before_metrics.json").read_text())  # the starting model, written by train_and_report
 
     backbone = f"pretrained weights {config.pretrained}" if config.pretrained else "a fresh (untrained) backbone"
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s on {backbone}.")
@@ -133,13 +126,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    """Write (or check and keep) the train/val/test pair files of a dataset root."""
+    """Write (or check and keep) the train/val/test pair files of a dataset root, then check them: lines, images
+    (present, and their headers decode), duplicates, writers shared between the files."""
+    from module.pair_options import PAIR_OPTIONS, pair_options_of
     from prepare_datasets import ensure_pair_files, validate_pair_file
 
     data_root = Path(args.data_root).absolute()
     _require_folder(data_root, args.dataset)
-    for path in ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.seed).values():
-        print(validate_pair_file(data_root, path).summary())
+    files = ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.random_state,
+                              **pair_options_of(args, list(PAIR_OPTIONS))).values()
+    reports = [validate_pair_file(data_root, path, [other for other in files if other != path]) for path in files]
+    print("\n".join(report.summary() for report in reports))
+    if not all(report.ok for report in reports):
+        shared = any(any(report.shared_writers.values()) for report in reports)
+        fix = "--resplit splits the writers afresh" if shared and args.dataset == "gpds" else "see --help for the options"
+        raise ValueError(f"the pair files in {data_root} have the problems listed above: fix the scans or the options "
+                         f"({fix})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -147,12 +149,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     data_root = Path(args.data_root)
     _require_folder(data_root, args.dataset)
     _require_run_folder(Path(args.out))
-    from training_utils import train_and_report
+    from training_utils import starting_model_note, train_and_report
 
     config = config_from_args(args, dataset=args.dataset, **_resolved_run_folders(args, data_root, Path(args.out)))
-    metrics = train_and_report(config, resume=not args.no_resume).metrics
-    print(f"\nBest model: validation EER {100 * metrics['val']['eer']:.2f} %, test EER {100 * metrics['test']['eer']:.2f} %, "
-          f"test accuracy {100 * metrics['test']['accuracy']:.2f} %.")
+    result = train_and_report(config, resume=not args.no_resume)
+    metrics = result.metrics
+    print(f"\nBest model (epoch {result.run.best_epoch}): validation EER {100 * metrics['val']['eer']:.2f} %, "
+          f"test EER {100 * metrics['test']['eer']:.2f} %, test accuracy {100 * metrics['test']['accuracy']:.2f} %.")
+    note = starting_model_note(config.ckpt_dir)
+    if note:
+        print(f"Note: {note}.")
     print(f"Run folder: {config.ckpt_dir} (best.pt, best_weights.pth, val/test metrics JSON, plots)")
 
 
@@ -160,6 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate a run's best model on a split of its dataset, or of another one (cross-dataset)."""
     import dataclasses
 
+    from prepare_datasets import ensure_test_pair_file
     from training_utils import build_datasets, evaluate_and_report, load_trained_model
 
     config, model = load_trained_model(args.run)
@@ -169,6 +176,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"dataset root {data_root} not found. Fix: pass --data-root with the {dataset} folder.")
     name = args.name or (args.split if dataset == config.dataset and not args.data_root else f"{dataset}_{args.split}")
     config = dataclasses.replace(config, dataset=dataset, data_root=data_root)
+    if args.split == "test":  # the test file there is read as it is; one is written only where there is none
+        ensure_test_pair_file(dataset, data_root)
     data = build_datasets(config, splits=(args.split,))[args.split]
     metrics = evaluate_and_report(model, data, config.ckpt_dir, name, config)
     print(f"{dataset} {args.split} ({len(data)} pairs): EER {100 * metrics['eer']:.2f} %, "
@@ -181,7 +190,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     import torch
 
     from sig_dataloader_colab import load_signature
-    from training_utils import load_trained_model, run_threshold
+    from training_utils import load_trained_model, run_threshold, starting_model_note
 
     threshold, source = (args.threshold, "--threshold") if args.threshold is not None else run_threshold(args.run)
     config, model = load_trained_model(args.run)
@@ -191,10 +200,12 @@ def cmd_verify(args: argparse.Namespace) -> None:
         distance = model.compare(model.embed(images[0]), model.embed(images[1])).item()
     decision = "GENUINE" if distance <= threshold else "FORGED"
     print(f"distance {distance:.6g}, threshold {threshold:.6g} ({source}): {decision}")
+    if note := starting_model_note(args.run): print(f"warning: {note}", file=sys.stderr)  # noqa: E701 - one line
 
 
 def build_parser() -> argparse.ArgumentParser:
     from module.config import FinetuneConfig
+    from module.pair_options import PAIR_OPTIONS, add_pair_options
 
     parser = argparse.ArgumentParser(
         prog="finetune.py", description=__doc__.split("\n\n")[0],
@@ -219,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   description=cmd_prepare.__doc__)
     prepare.add_argument("dataset", choices=datasets)
     prepare.add_argument("data_root", help="the dataset's root (CEDAR: the folder holding full_org/ and full_forg/)")
-    prepare.add_argument("--val-ratio", type=float, default=0.1, help="share of writers for validation (default %(default)s)")
-    prepare.add_argument("--seed", type=int, default=42, help="default %(default)s")
+    add_pair_options(prepare, PAIR_OPTIONS, val_ratio=0.1)
     prepare.set_defaults(handler=cmd_prepare)
 
     train = commands.add_parser("train", help="fine-tune head_str; resumes from --out", description=cmd_train.__doc__)
@@ -289,8 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The helpers' warnings (a skipped corrupt checkpoint, rewritten pair files) read best as one plain line.
     warnings.formatwarning = lambda message, category, *location: f"warning: {message}\n"
+    from module.wording import command_line
+
     try:
-        args.handler(args)
+        with command_line("finetune.py"):  # messages name this command's flags
+            args.handler(args)
     except Exception as error:
         if args.debug or not _is_bad_input(error):
             raise

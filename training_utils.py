@@ -58,15 +58,18 @@ from module.checkpoint import (
     trained_state_keys,
 )
 from module.config import FinetuneConfig
-from module.evaluation import evaluate_and_report, validate
+from module.evaluation import evaluate_and_report, starting_model_note, validate
+from module.feature_store import resolve_feature_dtype
 from module.features import (
     CachedPairBatch,
     FeatureCache,
     amp_enabled,
     compute_features,
+    epoch_pair_sample,
     make_pair_loader,
     model_device,
     pair_distances,
+    pair_labels,
 )
 from module.loss import NonFiniteLossError
 from module.metrics import compute_metrics, save_metrics_json
@@ -87,6 +90,8 @@ from module.run_folder import (
     set_aside_run,
 )
 from module.scheduler import GradualWarmupScheduler
+from module.wording import option
+from prepare_datasets import pair_file_fix
 from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
 
 __all__ = [
@@ -94,7 +99,7 @@ __all__ = [
     "TrainingRun", "TrainingResult", "prepare_run", "fit", "train_one_epoch", "HISTORY_KEYS",
     "build_model", "build_datasets", "report_run", "train_and_report", "run_status", "load_trained_model", "run_threshold",
     # re-exported, so that notebooks import from one place
-    "FinetuneConfig", "validate", "evaluate_and_report", "NonFiniteLossError",
+    "FinetuneConfig", "validate", "evaluate_and_report", "starting_model_note", "NonFiniteLossError",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",
     "compute_metrics", "save_metrics_json", "plot_training_history", "plot_roc_curve", "plot_score_distribution",
     "seed_everything", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
@@ -159,7 +164,7 @@ HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_eer", "val_auc", "val_ac
 RESUME_MUST_MATCH = (
     "dataset", "image_size", "fast_head_only", "unfreeze_blocks", "epochs", "batch_size", "lr", "lr_blocks",
     "weight_decay", "warmup_epochs", "warmup_multiplier", "amp", "select_metric", "feature_dtype", "seed",
-    "emd", "dis_type", "mar_type", "gol_dis", "temp",
+    "emd", "dis_type", "mar_type", "gol_dis", "temp", "max_train_pairs_per_epoch",
 )
 
 
@@ -283,6 +288,8 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
         if point is None:
             _log(f"new run: checkpoints go to {run.ckpt_dir}")
             return run
+        if config.feature_dtype == "auto":  # a resumed run keeps the dtype its checkpoints settled on
+            run.config = config = dataclasses.replace(config, feature_dtype=point.checkpoint["config"]["feature_dtype"])
         continue_run(run, point, RESUME_MUST_MATCH)
     _log(f"resumed from {point.path} after epoch {run.epoch} of {config.epochs} "
          f"(best validation {_format_metric(config.select_metric, run.best_metric)} at epoch {run.best_epoch})")
@@ -350,9 +357,13 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
     backbone_frozen = not any(parameter.requires_grad for parameter in model.model.parameters())
     if config.fast_head_only and not backbone_frozen:
         raise ValueError("fast_head_only needs a frozen backbone; build the run with prepare_run(model, config)")
-    feature_options = dict(batch_size=config.eval_batch_size, device=device, dtype=config.feature_dtype,
-                           feature_dir=config.feature_dir, amp=config.amp, num_workers=config.num_workers,
-                           progress=progress)
+    # A frozen backbone's features go to the feature store (kept across resumes); a training one's change every epoch.
+    embedded = [train_set, val_set] if config.fast_head_only else [val_set]
+    n_images = len({path for data in embedded for path in data.image_paths()}) if config.feature_dtype == "auto" else 0
+    feature_options = dict(batch_size=config.eval_batch_size, device=device, amp=config.amp,
+                           dtype=resolve_feature_dtype(config.feature_dtype, n_images, config.image_size, _log),
+                           feature_dir=config.feature_store_dir() if backbone_frozen else "",
+                           num_workers=config.num_workers, progress=progress)
     if config.fast_head_only:
         if getattr(train_set, "augment", False):
             _log("fast path: training on cached features of the un-augmented images "
@@ -360,8 +371,13 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
         train_data = compute_features(model, train_set, desc="training set: embedding images", **feature_options)
     else:
         train_data = train_set
-    train_loader = make_pair_loader(train_data, config.batch_size, shuffle=True, generator=run.data_generator,
-                                    num_workers=config.num_workers, pin_memory=device.type == "cuda")
+
+    def train_loader(epoch: int) -> Iterable[Any]:
+        sample = epoch_pair_sample(pair_labels(train_data), config.max_train_pairs_per_epoch, config.seed, epoch) \
+            if config.max_train_pairs_per_epoch else None
+        return make_pair_loader(train_data, config.batch_size, shuffle=True, generator=run.data_generator,
+                                num_workers=config.num_workers, pin_memory=device.type == "cuda", pairs=sample)
+
     # A frozen backbone gives the same validation features every epoch: embed them once.
     val_cache = compute_features(model, val_set, desc="validation set: embedding images", **feature_options) \
         if backbone_frozen else None
@@ -369,8 +385,7 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
     def run_validation() -> dict[str, Any]:
         data = val_cache if val_cache is not None else val_set
         return validate(model, data, device=device, batch_size=config.eval_batch_size, amp=config.amp,
-                        feature_dtype=config.feature_dtype, feature_dir=config.feature_dir,
-                        num_workers=config.num_workers, progress=progress)[1]
+                        feature_dtype=feature_options["dtype"], num_workers=config.num_workers, progress=progress)[1]
 
     if run.epoch == 0 and not run.history.get("epoch"):
         run.uncommitted_epoch = 0
@@ -396,7 +411,7 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
             lr = run.optimizer.param_groups[0]["lr"]
             run.uncommitted_epoch = epoch
             try:
-                train_loss = train_one_epoch(model, train_loader, run.optimizer, device=device, scaler=run.scaler,
+                train_loss = train_one_epoch(model, train_loader(epoch), run.optimizer, device=device, scaler=run.scaler,
                                              amp=config.amp, epoch=epoch, progress=progress)
                 metrics = run_validation()
             except NonFiniteLossError as error:
@@ -454,9 +469,13 @@ def build_datasets(config: FinetuneConfig, splits: Sequence[str] = ("train", "va
     unknown = [split for split in splits if split not in PAIR_FILES]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}: choose from {', '.join(PAIR_FILES)}")
+    missing = [split for split in splits if not (Path(config.data_root) / PAIR_FILES[split]).is_file()]
+    if missing and Path(config.data_root).is_dir():
+        raise FileNotFoundError(f"{', '.join(PAIR_FILES[split] for split in missing)} not found in {config.data_root}. "
+                                f"Fix: {pair_file_fix(config.dataset, config.data_root, missing)}")
     return {
         split: dataset_class(None, config.data_root, train=split == "train", image_size=config.image_size,
-                             pair_file=PAIR_FILES[split], augment=split == "train")
+                             pair_file=PAIR_FILES[split], augment=split == "train", cache_dir=config.cache_dir or None)
         for split in splits
     }
 
@@ -509,6 +528,11 @@ def train_and_report(
 ) -> TrainingResult:
     """The whole pipeline, as the notebook and ``finetune.py train`` run it: build, resume, fit, evaluate, export.
 
+    Says when the backbone is fresh, and writes ``test_before_metrics.json``
+    (the starting model on the test split) unless resuming a run that has it.
+    ``feature_dtype="auto"`` is settled here once for the run (the resumed
+    checkpoints' choice, else by the features' size).
+
     Args:
         config: the run's settings; ``config.ckpt_dir`` is the run folder.
         resume: continue from the newest valid checkpoint in the run folder
@@ -522,8 +546,18 @@ def train_and_report(
     config.resolved_device()  # a device this machine lacks, or a run folder in use, is reported before any work
     with lock_run_folder(config.ckpt_dir):
         datasets = datasets if datasets is not None else build_datasets(config)
+        if not config.pretrained:
+            _log(f"the backbone is fresh (no {option('pretrained')} weights): its features say little about a writer, "
+                 "so fine-tuning the head has little to work with; the authors' weights give it real structure")
         model = model if model is not None else build_model(config)
+        if not (resume and (Path(config.ckpt_dir) / "test_before_metrics.json").is_file()):
+            # The starting model on the test split, rebuilt as the run starts (the model given may have trained since).
+            evaluate_and_report(build_model(config), datasets["test"], config.ckpt_dir, "test_before", config, progress)
         run = prepare_run(model, config, resume=resume)
+        if run.config.feature_dtype == "auto":  # settled once, for the whole run, by the size of its images
+            images = len({path for split in datasets.values() for path in split.image_paths()})
+            run.config = dataclasses.replace(run.config, feature_dtype=resolve_feature_dtype(
+                "auto", images, config.image_size, _log))
         fit(run, datasets["train"], datasets["val"], progress=progress)
         return TrainingResult(run, report_run(run, datasets, progress))
 

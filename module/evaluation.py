@@ -7,6 +7,7 @@ ROC and distance plots.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from module.checkpoint import BEST_CHECKPOINT, read_checkpoint
 from module.config import FinetuneConfig
 from module.features import FeatureCache, compute_features, make_pair_loader, model_device, pair_distances
 from module.loss import NonFiniteLossError
 from module.metrics import compute_metrics, save_metrics_json
 from module.plots import plot_roc_curve, plot_score_distribution
+from module.wording import option
 
-__all__ = ["validate", "evaluate_and_report"]
+__all__ = ["validate", "evaluate_and_report", "starting_model_note"]
 
 
 def validate(
@@ -88,15 +91,41 @@ def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: 
                         config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     """Validate ``model`` on ``data`` (a pair dataset or a ``FeatureCache``) and write its report into ``out_dir``.
 
-    Files: ``{name}_metrics.json`` (no arrays), ``{name}_roc.png``,
+    A dataset's features come from, and go to, the feature store of
+    ``config`` (``config.feature_store_dir()``). Files: ``{name}_metrics.json`` (no arrays), ``{name}_roc.png``,
     ``{name}_scores.png``. Returns ``validate``'s metrics (with ``threshold``,
     ``distances`` and ``labels``). Runs on the model's device.
     """
     out_dir = Path(out_dir)
     _, metrics = validate(model, data, batch_size=config.eval_batch_size, amp=config.amp,
-                          feature_dtype=config.feature_dtype, feature_dir=config.feature_dir,
+                          feature_dtype=config.feature_dtype, feature_dir=config.feature_store_dir(),
                           num_workers=config.num_workers, progress=progress, desc=name)
     save_metrics_json(metrics, out_dir / f"{name}_metrics.json")
     plot_roc_curve(metrics, out_dir / f"{name}_roc.png", title=f"ROC curve: {name}")
     plot_score_distribution(metrics, out_dir / f"{name}_scores.png", title=f"Distance distribution: {name}")
     return metrics
+
+
+def starting_model_note(run: str | Path) -> str | None:
+    """A warning for a run whose best model is its starting model (epoch 0), or whose backbone is fresh; None otherwise.
+
+    ``run``: a run folder (its ``best.pt`` is read) or a checkpoint file. The
+    test EER before and after fine-tuning is quoted when the run folder holds it.
+    """
+    checkpoint_file = Path(run) / BEST_CHECKPOINT if Path(run).is_dir() else Path(run)
+    checkpoint = read_checkpoint(checkpoint_file)
+    folder = checkpoint_file.parent
+    notes = []
+    if checkpoint.get("best_epoch") == 0:
+        notes.append("fine-tuning did not improve on the starting model: the best validation figure is epoch 0's, "
+                     "so this run's model is the one it started from")
+    if not checkpoint["config"].get("pretrained"):
+        notes.append(f"its backbone is fresh (trained without {option('pretrained')} weights), so its distances say "
+                     "little about a writer")
+    if not notes:
+        return None
+    eers = {name: json.loads((folder / f"{name}_metrics.json").read_text())["eer"]
+            for name in ("test_before", "test") if (folder / f"{name}_metrics.json").is_file()}
+    quoted = ", ".join(f"{'before fine-tuning' if name == 'test_before' else 'after'} {100 * eer:.1f} %"
+                       for name, eer in eers.items())
+    return "; ".join(notes) + (f" (test EER {quoted})" if quoted else "")

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def other_value(setting: dataclasses.Field, kind: type) -> object:
     if choices:
         return next((choice for choice in choices if choice != default), default)
     special = {"image_size": 256, "unfreeze_blocks": 2, "device": "cuda:1", "pretrained": "weights.pth",
-               "feature_dir": "features", "min_improvement": 0.05}
+               "feature_dir": "features", "min_improvement": 0.05, "cache_dir": "cache"}
     if setting.name in special:
         return special[setting.name]
     return {bool: lambda: not default, int: lambda: default + 1, float: lambda: default * 2}[kind]()
@@ -250,3 +251,78 @@ def test_bad_settings_and_missing_image(demo_run: Path, tmp_path: Path) -> None:
         finetune("verify", tmp_path / "missing.png", demo_run / "data/full_org/original_1_1.png", "--run", demo_run),
         "missing.png",
     )
+
+
+# --------------------------------------------------------------------------- GPDS and BHSig end to end
+
+@pytest.fixture(scope="module")
+def gpds_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """A GPDS-layout corpus (one writer in both train/ and test/), prepared with --resplit and trained."""
+    root = tmp_path_factory.mktemp("gpds")
+    make_synthetic_dataset(root, "gpds", n_writers=6, n_genuine=4, n_forged=3, seed=5, image_size=64, progress=False)
+    folder_split = finetune("prepare", "gpds", root)  # the folder split shares a writer between train/ and test/
+    warning, error = folder_split.stderr.strip().splitlines()
+    assert folder_split.returncode == 1 and error.startswith("error: ") and "--resplit" in error
+    assert warning.startswith("warning: 1 writer(s) appear in both") and "--resplit" in warning
+    prepared = finetune("prepare", "gpds", root, "--resplit", "--test-ratio", "0.3", "--val-ratio", "0.2")
+    assert prepared.returncode == 0 and prepared.stdout.count("  OK") == 3, prepared.stdout + prepared.stderr
+    out = root.parent / "gpds_run"
+    trained = finetune("train", "gpds", root, "--out", out, *TINY_TRAINING, "--max-train-pairs-per-epoch", "30")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return root, out, trained
+
+
+def test_gpds_prepare_train_evaluate_verify(gpds_run) -> None:
+    root, out, trained = gpds_run
+    output = trained.stdout + trained.stderr
+    assert "the backbone is fresh" in output and "Best model (epoch" in trained.stdout
+    assert json.loads((out / "test_before_metrics.json").read_text())["n_genuine"] > 0
+    assert sorted(name for name in ("val", "test") if (out / f"{name}_metrics.json").is_file()) == ["test", "val"]
+
+    # A finished run, run again: nothing trained, nothing embedded (every feature comes from the store).
+    start = time.perf_counter()
+    again = finetune("train", "gpds", root, "--out", out, *TINY_TRAINING, "--max-train-pairs-per-epoch", "30")
+    seconds = time.perf_counter() - start
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to train" in output and "embedding" not in output and output.count("nothing to embed") == 2
+    print(f"\nre-running a finished train: {seconds:.1f} s")
+
+    evaluated = finetune("evaluate", "--run", out)
+    assert evaluated.returncode == 0 and "nothing to embed" in evaluated.stdout + evaluated.stderr, evaluated.stderr
+    reference, query = sorted(root.glob("train/genuine/c-00*.jpg"))[:2]
+    verified = finetune("verify", reference, query, "--run", out)
+    assert verified.returncode == 0 and ("GENUINE" in verified.stdout or "FORGED" in verified.stdout), verified.stderr
+
+
+def test_bhsig_with_few_writers_prepare_train_evaluate_verify(gpds_run, tmp_path: Path) -> None:
+    root = tmp_path / "Hindi"
+    make_synthetic_dataset(root, "bhsig", n_writers=4, n_genuine=4, n_forged=3, seed=6, image_size=64, progress=False)
+    # The default test writers (1-60) take all four: the error names the flag that fixes it.
+    assert_one_line_error(finetune("prepare", "bhsig", root), "--test-writers")
+    # Pair files without a validation split (prepare_datasets.py's default): train names the command that adds one.
+    made = subprocess.run([sys.executable, str(ROOT / "prepare_datasets.py"), "bhsig", str(root), "--test-writers", "1"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    message = assert_one_line_error(finetune("train", "bhsig", root, "--out", tmp_path / "run", *TINY_TRAINING),
+                                    "gray_val.txt not found")
+    fix = message.split("Fix: ")[1]
+    assert fix == f"python finetune.py prepare bhsig {root} --val-ratio 0.1 --test-writers 1"
+    prepared = finetune(*fix.split()[2:])
+    assert prepared.returncode == 0 and prepared.stdout.count("  OK") == 3, prepared.stdout + prepared.stderr
+
+    # A validation figure no epoch can beat by 90 %: the best model is the starting one, and train and verify say so.
+    out = tmp_path / "run"
+    trained = finetune("train", "bhsig", root, "--out", out, *TINY_TRAINING, "--min-improvement", "0.9")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Best model (epoch 0)" in trained.stdout and "did not improve on the starting model" in trained.stdout
+    verified = finetune("verify", root / "1/H-S-1-G-01.tif", root / "1/H-S-1-F-01.tif", "--run", out)
+    assert verified.returncode == 0 and "warning: fine-tuning did not improve" in verified.stderr, verified.stderr
+
+    # The GPDS run on this BHSig folder: its pair files are read, none rewritten.
+    before = {path.name: path.read_bytes() for path in root.glob("*.*")}
+    _, gpds_out, _ = gpds_run
+    evaluated = finetune("evaluate", "--run", gpds_out, "--dataset", "bhsig", "--data-root", root)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert {path.name: path.read_bytes() for path in root.glob("*.*")} == before
+    assert json.loads((gpds_out / "bhsig_test_metrics.json").read_text())["n_genuine"] == 6

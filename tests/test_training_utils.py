@@ -1,7 +1,7 @@
 """The training loop: fast path == per-pair path, exact resume, stops, checkpoints, plots, fine-tuning helps."""
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,7 +16,9 @@ from model_v3 import ViT_for_OSV_DSNet
 from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
+import module.features
 from module.checkpoint import read_checkpoint
+from module.feature_store import ChunkedTokens
 from module.features import pair_distances
 from training_utils import (
     HISTORY_KEYS,
@@ -116,8 +118,9 @@ def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -
     assert (config.epochs, config.batch_size, config.fast_head_only, config.lr) == (4, 8, False, FinetuneConfig.lr)
     with pytest.raises(ValueError, match="unknown FinetuneConfig settings: root"):
         FinetuneConfig.from_parameters(parameters, root=corpus)
-    splits = build_datasets(config, splits=("train", "val"))
+    splits = build_datasets(dataclasses.replace(config, cache_dir="preprocessed"), splits=("train", "val"))
     assert splits["train"].augment and not splits["val"].augment
+    assert splits["train"].cache_dir == splits["val"].cache_dir == Path("preprocessed")  # the cache_dir setting
     assert splits["val"].pair_file.endswith("gray_val.txt") and splits["val"].image_size == IMAGE_SIZE
     with pytest.raises(ValueError, match="dataset must be one of cedar, gpds, bhsig; got 'mnist'"):
         FinetuneConfig(dataset="mnist", data_root=corpus)
@@ -126,7 +129,7 @@ def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -
 
 # --------------------------------------------------------------------------- the two paths agree
 
-def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
+def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path, monkeypatch) -> None:
     train, val = datasets(corpus)
     torch.manual_seed(0)
     model = setup_head_only_finetune(ViT_for_OSV_DSNet())
@@ -172,14 +175,14 @@ def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
     assert half.tokens.dtype == torch.float16
     np.testing.assert_allclose(validate(model, half, progress=False)[1]["distances"], cached["distances"], atol=2e-2)
 
-    # On disk: a memory map, the same numbers, and its folder goes with the cache.
-    on_disk = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
-    assert isinstance(on_disk.tokens, np.memmap)
-    assert np.array_equal(np.asarray(on_disk.tokens), cache.tokens.numpy())
-    assert validate(model, on_disk, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
-    del on_disk
-    gc.collect()
-    assert list((tmp_path / "features").iterdir()) == []
+    # Through the feature store: the same numbers, read back into RAM, or memory-mapped when RAM is short.
+    stored = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
+    assert stored.embedded == len(stored.paths) and torch.equal(stored.tokens, cache.tokens)
+    monkeypatch.setattr(module.features, "available_memory", lambda: 1)
+    mapped = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
+    assert mapped.embedded == 0 and isinstance(mapped.tokens, ChunkedTokens)
+    assert np.array_equal(mapped.tokens[np.arange(len(mapped.paths))], cache.tokens.numpy())
+    assert validate(model, mapped, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -234,16 +237,17 @@ def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path)
     assert (whole_ckpt["best_metric"], whole_ckpt["best_epoch"]) == (parts_ckpt["best_metric"], parts_ckpt["best_epoch"])
 
     # Every file written loads with weights_only=True and has its checksum; the newest keep_last=2 epochs are kept,
-    # and the best epoch's, which best.pt is a copy of.
+    # and the best epoch's, which best.pt is a copy of (and the feature store, features/).
     kept = sorted({2, 3, run.best_epoch})
     for folder in ("whole", "parts"):
         names = sorted(path.name for path in (tmp_path / folder).iterdir() if path.suffix == ".pt")
         assert names == ["best.pt"] + [f"epoch_{epoch:04d}.pt" for epoch in kept]
+        assert (tmp_path / folder / "features").is_dir()
         for name in names:
             checkpoint = read_checkpoint(tmp_path / folder / name)
             assert set(HISTORY_KEYS) <= set(checkpoint["history"])
         assert sorted(path.name for path in (tmp_path / folder).iterdir()) == sorted(
-            names + [name + ".sha256" for name in names] + [".lock"])
+            names + [name + ".sha256" for name in names] + [".lock", "features"])
 
 
 class InterruptedOnce(torch.utils.data.Dataset):
@@ -300,6 +304,32 @@ def test_resume_refuses_other_settings_and_a_finished_run_stays_finished(corpus:
     assert again.epoch == 1 and "nothing to train: early stop" in captured.out + captured.err
     with pytest.raises(ValueError, match="lr: checkpoint 0.004, now 0.04"):
         prepare_run(new_model(config), config_for(tmp_path, epochs=2, patience=1, min_improvement=0.9, lr=4e-2))
+
+
+def test_a_fresh_sample_of_pairs_each_epoch_is_drawn_again_on_resume(corpus: str, tmp_path: Path, monkeypatch) -> None:
+    """max_train_pairs_per_epoch: 10 of the 36 training pairs an epoch, the same after an interruption."""
+    import training_utils
+
+    sampled: list[list[int]] = []
+
+    def recording(model, loader, *args, **kwargs):
+        sampled.append(sorted(loader.sampler.indices))
+        return train_one_epoch(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(training_utils, "train_one_epoch", recording)
+    train, val = datasets(corpus)
+    whole = config_for(tmp_path / "whole", max_train_pairs_per_epoch=10)
+    fit(prepare_run(new_model(whole), whole), train, val, progress=False)
+    assert [len(pairs) for pairs in sampled] == [10, 10, 10] and sampled[0] != sampled[1]
+    assert all(sum(train.pair_labels[pairs]) == 3 for pairs in sampled)  # 12 of the 36 pairs are genuine
+
+    parts = config_for(tmp_path / "parts", max_train_pairs_per_epoch=10)
+    with pytest.raises(Interrupt):
+        fit(prepare_run(new_model(parts), parts), train, val, progress=False, on_epoch_end=interrupt_after(1))
+    fit(prepare_run(new_model(parts), parts), train, val, progress=False)
+    assert sampled[3:] == sampled[:3]
+    expected, resumed = final_weights(tmp_path / "whole", 3), final_weights(tmp_path / "parts", 3)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus: str, tmp_path: Path) -> None:
