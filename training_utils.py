@@ -72,7 +72,7 @@ from module.features import (
 )
 from module.io import atomic_write
 from module.loss import NonFiniteLossError
-from module.metrics import compute_metrics, save_metrics_json
+from module.metrics import compute_metrics, compute_writer_metrics, save_metrics_json
 from module.pair_files import PAIR_FILES
 from module.plots import plot_roc_curve, plot_score_distribution, plot_training_history
 from module.scheduler import GradualWarmupScheduler
@@ -85,7 +85,8 @@ __all__ = [
     # re-exported, so that notebooks import from one place
     "FinetuneConfig", "validate", "evaluate_and_report", "NonFiniteLossError",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",
-    "compute_metrics", "save_metrics_json", "plot_training_history", "plot_roc_curve", "plot_score_distribution",
+    "compute_metrics", "compute_writer_metrics", "save_metrics_json",
+    "plot_training_history", "plot_roc_curve", "plot_score_distribution",
     "seed_everything", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
     "find_latest_checkpoint", "epoch_checkpoint_path", "export_state_dict", "CheckpointError",
     "setup_head_only_finetune", "print_trainable_params", "build_optimizer_for_head_only", "unfreeze_last_blocks",
