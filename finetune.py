@@ -131,7 +131,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     data_root = Path(args.data_root).absolute()
     _require_folder(data_root, args.dataset)
-    for path in ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.seed).values():
+    for path in ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.seed,
+                                  random_forgeries=args.random_forgeries).values():
         print(validate_pair_file(data_root, path).summary())
 
 
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("data_root", help="the dataset's root (CEDAR: the folder holding full_org/ and full_forg/)")
     prepare.add_argument("--val-ratio", type=float, default=0.1, help="share of writers for validation (default %(default)s)")
     prepare.add_argument("--seed", type=int, default=42, help="default %(default)s")
+    prepare.add_argument("--random-forgeries", type=int, default=0, metavar="N",
+                         help="add N random-forgery test pairs a test writer: another writer's genuine signature as "
+                              "the query, label 0 (default %(default)s)")
     prepare.set_defaults(handler=cmd_prepare)
 
     train = commands.add_parser("train", help="fine-tune head_str; resumes from --out", description=cmd_train.__doc__)

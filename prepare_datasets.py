@@ -35,6 +35,7 @@ from module.pair_files import (
     Pair,
     PairFileError,
     PairFileReport,
+    add_random_forgeries,
     count_pairs,
     read_pair_file,
     sample_pair_file,
@@ -388,7 +389,8 @@ def _why_not_reusable(root: Path, files: dict[str, str]) -> str | None:
     return None
 
 
-def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: float = 0.0, random_state: int = 42, **options) -> dict[str, str]:
+def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: float = 0.0, random_state: int = 42,
+                      random_forgeries: int = 0, **options) -> dict[str, str]:
     """The pair files of a dataset root, written only when needed; returns {split: path}.
 
     Files made by an earlier call (recorded in pair_files.json with their
@@ -400,6 +402,8 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
 
     Args:
         dataset: "cedar", "bhsig" or "gpds" ("gdps" too).
+        random_forgeries: random-forgery pairs added to gray_test.txt for each
+            test writer (label 0; see module.pair_files.random_forgery_pairs), seeded with random_state.
         options: passed to generate_cedar_pairs, generate_bhsig_pairs or
             generate_gdps_pairs (e.g. train_ratio, test_writers, resplit).
     """
@@ -409,7 +413,9 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
         raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(generators)}")
     root = Path(data_root)
     # Arguments as JSON would read them back (tuples and ranges become lists).
-    arguments = json.loads(json.dumps({"dataset": name, "val_ratio": val_ratio, "random_state": random_state, **options}, default=list))
+    extra = {"random_forgeries": random_forgeries} if random_forgeries else {}
+    arguments = json.loads(json.dumps({"dataset": name, "val_ratio": val_ratio, "random_state": random_state, **extra,
+                                       **options}, default=list))
     manifest = root / PAIR_MANIFEST
     try:
         saved = json.loads(manifest.read_text())
@@ -428,6 +434,8 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
     if any((root / f).is_file() for f in PAIR_FILES.values()):
         warnings.warn(f"rewriting the pair files in {root} ({reason})", stacklevel=2)
     result = generators[name](root, val_ratio=val_ratio, random_state=random_state, **options)
+    if random_forgeries:
+        add_random_forgeries(result["files"]["test"], random_forgeries, random_state)
     relative = {split: os.path.relpath(path, root) for split, path in result["files"].items()}
     atomic_write_text(manifest, json.dumps({"arguments": arguments, "files": relative}, indent=1))
     return result["files"]
