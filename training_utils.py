@@ -60,7 +60,7 @@ from module.checkpoint import (
     set_aside_run,
 )
 from module.config import FinetuneConfig
-from module.evaluation import evaluate_and_report, validate
+from module.evaluation import evaluate_and_report, evaluate_with_references, explain_worst_errors, validate
 from module.features import (
     CachedPairBatch,
     FeatureCache,
@@ -76,6 +76,7 @@ from module.metrics import compute_metrics, compute_writer_metrics, save_metrics
 from module.pair_files import PAIR_FILES
 from module.plots import plot_roc_curve, plot_score_distribution, plot_training_history
 from module.scheduler import GradualWarmupScheduler
+from module.verifier import Decision, Verifier
 from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
 
 __all__ = [
@@ -83,7 +84,8 @@ __all__ = [
     "TrainingRun", "TrainingResult", "prepare_run", "fit", "train_one_epoch", "HISTORY_KEYS",
     "build_model", "build_datasets", "report_run", "train_and_report", "run_status", "load_trained_model", "run_threshold",
     # re-exported, so that notebooks import from one place
-    "FinetuneConfig", "validate", "evaluate_and_report", "NonFiniteLossError",
+    "FinetuneConfig", "validate", "evaluate_and_report", "evaluate_with_references", "explain_worst_errors",
+    "NonFiniteLossError", "Verifier", "Decision",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",
     "compute_metrics", "compute_writer_metrics", "save_metrics_json",
     "plot_training_history", "plot_roc_curve", "plot_score_distribution",

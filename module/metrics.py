@@ -5,6 +5,8 @@ Rates are fractions in [0, 1].
 """
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,13 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from module.io import write_json
+from module.io import atomic_write_text, write_json
 
-__all__ = ["compute_metrics", "compute_writer_metrics", "save_metrics_json", "ROC_KEYS", "PAIR_KINDS"]
+__all__ = ["compute_metrics", "compute_writer_metrics", "save_metrics_json", "save_per_writer_csv", "ROC_KEYS",
+           "PAIR_KINDS", "PER_WRITER_COLUMNS"]
 
 # The kinds of query a pair can hold: the reference writer's own genuine signature, a skilled forgery of it,
 # or a genuine signature of another writer (a random forgery).
 PAIR_KINDS = ("genuine", "skilled", "random")
+# The fields of each record of compute_writer_metrics' "per_writer", in the order of per_writer.csv's columns.
+PER_WRITER_COLUMNS = ("writer", "eer", "threshold", "auc", "n_genuine", "n_skilled", "n_random")
 # Entries of a metrics dict that are arrays (ROC curve, raw scores); save_metrics_json leaves them out by default.
 ROC_KEYS = ("roc_fpr", "roc_tpr", "roc_thresholds")
 
@@ -213,3 +218,12 @@ def save_metrics_json(metrics: Mapping[str, Any], path: str | Path, include_arra
         if include_arrays or not isinstance(value, (np.ndarray, torch.Tensor))
     }
     return write_json(path, kept)
+
+
+def save_per_writer_csv(writer_metrics: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``compute_writer_metrics``' ``per_writer`` records as CSV (one row a writer, ``PER_WRITER_COLUMNS``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PER_WRITER_COLUMNS)
+    writer.writerows([record[column] for column in PER_WRITER_COLUMNS] for record in writer_metrics["per_writer"])
+    return atomic_write_text(path, buffer.getvalue())
