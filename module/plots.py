@@ -188,6 +188,7 @@ def plot_explanation(explanation: Explanation, ref_image: Any, query_image: Any,
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.patches import FancyArrowPatch
 
     ref, query = _gray_image(ref_image), _gray_image(query_image)
     plan, cost = (np.asarray(values, dtype=np.float64) for values in (explanation.plan, explanation.cost))
@@ -210,9 +211,11 @@ def plot_explanation(explanation: Explanation, ref_image: Any, query_image: Any,
         rows, columns = np.unravel_index(strongest, plan.shape)
         widest = plan[rows[0], columns[0]]
         for row, column in zip(rows[::-1], columns[::-1]):  # the strongest drawn last, on top
-            (x_query, y_query), (x_ref, y_ref) = query_centres[row], ref_centres[column]
-            match_axes.plot([x_ref, x_query], [y_ref, y_query], color=cost_colours(cost_scale(cost[row, column])),
-                            linewidth=0.5 + 3 * plan[row, column] / widest, alpha=0.9)
+            # Arcs, not straight lines: matches between the same rows would otherwise run along each other.
+            match_axes.add_patch(FancyArrowPatch(
+                ref_centres[column], query_centres[row], arrowstyle="-", connectionstyle="arc3,rad=-0.3",
+                color=cost_colours(cost_scale(cost[row, column])), linewidth=0.5 + 3 * plan[row, column] / widest,
+                alpha=0.85))
         match_axes.plot(*ref_centres.T, ".", color="tab:blue", markersize=4)
         match_axes.plot(*query_centres.T, ".", color="tab:blue", markersize=4)
     top.colorbar(ScalarMappable(cost_scale, cost_colours), ax=match_axes, shrink=0.8,
