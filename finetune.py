@@ -171,7 +171,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         metrics = evaluate_with_references(model, data, args.references, config, aggregate=args.aggregate,
                                            seed=config.seed)
         path = save_metrics_json(metrics, Path(config.ckpt_dir) / f"{name}_references_{args.references}_metrics.json")
-        far_random = "n/a (no random forgeries)" if math.isnan(metrics["far_random"]) else f"{100 * metrics['far_random']:.2f} %"
+        far_random = ("n/a (no random forgeries)" if math.isnan(metrics["far_random"])
+                      else f"{100 * metrics['far_random']:.2f} %")
         print(f"{dataset} {args.split}, {metrics['n_trials']} queries against {args.references} references each "
               f"({args.aggregate} distance): EER {100 * metrics['eer']:.2f} %, FRR {100 * metrics['frr']:.2f} %, "
               f"FAR skilled {100 * metrics['far_skilled']:.2f} %, FAR random {far_random}, "

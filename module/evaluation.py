@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from module.config import FinetuneConfig
 from module.features import FeatureCache, compute_features, make_pair_loader, model_device, pair_distances
 from module.loss import NonFiniteLossError
-from module.metrics import compute_metrics, compute_writer_metrics, save_metrics_json, save_per_writer_csv
+from module.metrics import (AGGREGATES, compute_metrics, compute_writer_metrics, save_metrics_json,
+                            save_per_writer_csv)
 from module.pair_files import pair_kind, signature_of
 from module.plots import plot_explanation, plot_roc_curve, plot_score_distribution, plot_writer_eers
 
@@ -211,8 +212,8 @@ def evaluate_with_references(model: nn.Module, data: Any, references: int, confi
     """
     if references < 1:
         raise ValueError(f"references must be 1 or more, got {references}")
-    if aggregate not in ("mean", "min", "max"):
-        raise ValueError(f"aggregate must be mean, min or max, got {aggregate!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     trials, left_out = reference_trials(_pair_paths(data), references, np.random.default_rng(seed))
     if not trials:
         raise ValueError(f"no writer of {getattr(data, 'pair_file', 'the pairs')} has more than {references} genuine "

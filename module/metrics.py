@@ -17,11 +17,13 @@ import torch
 from module.io import atomic_write_text, write_json
 
 __all__ = ["compute_metrics", "compute_writer_metrics", "save_metrics_json", "save_per_writer_csv", "ROC_KEYS",
-           "PAIR_KINDS", "PER_WRITER_COLUMNS"]
+           "AGGREGATES", "PAIR_KINDS", "PER_WRITER_COLUMNS"]
 
 # The kinds of query a pair can hold: the reference writer's own genuine signature, a skilled forgery of it,
 # or a genuine signature of another writer (a random forgery).
 PAIR_KINDS = ("genuine", "skilled", "random")
+# How a query's distances to several references of a writer combine into one.
+AGGREGATES = ("mean", "min", "max")
 # The fields of each record of compute_writer_metrics' "per_writer", in the order of per_writer.csv's columns.
 PER_WRITER_COLUMNS = ("writer", "eer", "threshold", "auc", "n_genuine", "n_skilled", "n_random")
 # Entries of a metrics dict that are arrays (ROC curve, raw scores); save_metrics_json leaves them out by default.

@@ -25,12 +25,12 @@ from torch import nn
 
 from model_v3 import Explanation, TokenFeatures, ViT_for_OSV_DSNet, load_pretrained
 from module.features import model_device
+from module.metrics import AGGREGATES
 from module.plots import plot_explanation
 from sig_dataloader_colab import load_signature
 
-__all__ = ["AGGREGATES", "Decision", "Verifier"]
+__all__ = ["Decision", "Verifier"]
 
-AGGREGATES = ("mean", "min", "max")
 # Images per backbone pass when enrolling many references.
 EMBED_BATCH = 16
 
