@@ -74,7 +74,13 @@ from module.io import atomic_write
 from module.loss import NonFiniteLossError
 from module.metrics import compute_metrics, compute_writer_metrics, save_metrics_json
 from module.pair_files import PAIR_FILES
-from module.plots import plot_roc_curve, plot_score_distribution, plot_training_history
+from module.plots import (
+    plot_explanation,
+    plot_roc_curve,
+    plot_score_distribution,
+    plot_training_history,
+    plot_writer_eers,
+)
 from module.scheduler import GradualWarmupScheduler
 from module.verifier import Decision, Verifier
 from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
@@ -88,7 +94,7 @@ __all__ = [
     "NonFiniteLossError", "Verifier", "Decision",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",
     "compute_metrics", "compute_writer_metrics", "save_metrics_json",
-    "plot_training_history", "plot_roc_curve", "plot_score_distribution",
+    "plot_training_history", "plot_roc_curve", "plot_score_distribution", "plot_writer_eers", "plot_explanation",
     "seed_everything", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
     "find_latest_checkpoint", "epoch_checkpoint_path", "export_state_dict", "CheckpointError",
     "setup_head_only_finetune", "print_trainable_params", "build_optimizer_for_head_only", "unfreeze_last_blocks",
