@@ -10,7 +10,10 @@ import torch
 from model_v3 import Explanation, ViT_for_OSV_DSNet
 from module.plots import plot_explanation
 
-PAIRS = np.load(Path(__file__).parent / "data" / "model" / "model_input_pairs.npy")  # [4, 2, 224, 224], ink bright
+# The fixture pairs [4, 2, 224, 224] (ink bright), at 128 pixels: a 4x4 token grid, a fifth of the backbone's time.
+PAIRS = torch.nn.functional.interpolate(
+    torch.from_numpy(np.load(Path(__file__).parent / "data" / "model" / "model_input_pairs.npy")), size=(128, 128),
+    mode="area").numpy()
 OPTIONS = {
     "cos tokens, l2 global": {"dis_type": "cos", "gol_dis": "l2", "temp": 1.0},
     "l2 tokens, cos global, temp 0.5": {"dis_type": "l2", "gol_dis": "cos", "temp": 0.5},
@@ -40,16 +43,16 @@ def test_explanation_identities_and_the_forward_distance(options: dict) -> None:
         assert explanation.temp == model.temp
         # forward rounds to float32; the explanation is the same computation in float64.
         assert explanation.distance == pytest.approx(forward[index].item(), rel=2e-6, abs=1e-6), index
-        assert explanation.structural_distance > 0.01
+        assert explanation.structural_distance > 1e-3  # not trivially zero: the identities say something
 
         features = [model.eval().embed(image[None, None]) for image in pair]
         model.train()
         kept_ref, kept_query = features[0].kept[0], features[1].kept[0]
-        assert explanation.grid == (7, 7)
+        assert explanation.grid == (4, 4)
         assert explanation.plan.shape == explanation.cost.shape == (int(kept_query.sum()), int(kept_ref.sum()))
         assert explanation.plan.dtype == torch.float64 and (explanation.plan >= 0).all()
         for positions, kept in ((explanation.ref_positions, kept_ref), (explanation.query_positions, kept_query)):
-            assert torch.equal(positions[:, 0] * 7 + positions[:, 1], kept.nonzero()[:, 0])
+            assert torch.equal(positions[:, 0] * 4 + positions[:, 1], kept.nonzero()[:, 0])
         # The last Sinkhorn half-step balances the columns: each kept reference token receives 1 / S1 of the mass.
         n_ref = explanation.plan.shape[1]
         assert explanation.plan.sum(0).tolist() == pytest.approx([1 / n_ref] * n_ref, abs=1e-7)  # log(1/S1 + 1e-8)
