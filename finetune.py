@@ -4,7 +4,7 @@
     python finetune.py prepare cedar DATA_ROOT               # pair files gray_{train,val,test}.txt
     python finetune.py train cedar DATA_ROOT --out runs/cedar --pretrained weights.pth
     python finetune.py evaluate --run runs/cedar             # best model on the test split
-    python finetune.py verify REF.png QUERY.png --run runs/cedar
+    python finetune.py verify REF.png [REF2.png ...] QUERY.png --run runs/cedar
 
 `train` continues from the newest checkpoint in --out (stop it any time, run
 the same command again); --no-resume starts over. Each command exits with
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import linecache
+import math
 import sys
 import time
 import warnings
@@ -134,6 +135,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     data_root = Path(args.data_root).absolute()
     _require_folder(data_root, args.dataset)
     files = ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.random_state,
+                              random_forgeries=args.random_forgeries,
                               **pair_options_of(args, list(PAIR_OPTIONS))).values()
     reports = [validate_pair_file(data_root, path, [other for other in files if other != path]) for path in files]
     print("\n".join(report.summary() for report in reports))
@@ -163,9 +165,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Evaluate a run's best model on a split of its dataset, or of another one (cross-dataset)."""
+    """Evaluate a run's best model on a split of its dataset, or of another one (cross-dataset): pair metrics and
+    writer-level figures, or with --references K the way a bank verifies (each query against K references)."""
     import dataclasses
 
+    from module.evaluation import evaluate_with_references
+    from module.metrics import save_metrics_json
     from prepare_datasets import ensure_test_pair_file
     from training_utils import build_datasets, evaluate_and_report, load_trained_model
 
@@ -179,28 +184,60 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.split == "test":  # the test file there is read as it is; one is written only where there is none
         ensure_test_pair_file(dataset, data_root)
     data = build_datasets(config, splits=(args.split,))[args.split]
+    if args.references is not None:
+        metrics = evaluate_with_references(model, data, args.references, config, aggregate=args.aggregate,
+                                           seed=config.seed)
+        path = save_metrics_json(metrics, Path(config.ckpt_dir) / f"{name}_references_{args.references}_metrics.json")
+        far_random = ("n/a (no random forgeries)" if math.isnan(metrics["far_random"])
+                      else f"{100 * metrics['far_random']:.2f} %")
+        print(f"{dataset} {args.split}, {metrics['n_trials']} queries against {args.references} references each "
+              f"({args.aggregate} distance): EER {100 * metrics['eer']:.2f} %, FRR {100 * metrics['frr']:.2f} %, "
+              f"FAR skilled {100 * metrics['far_skilled']:.2f} %, FAR random {far_random}, "
+              f"threshold {metrics['threshold']:.6g}")
+        if metrics["writers_left_out"]:
+            print(f"left out, {args.references} or fewer genuine signatures: writers {metrics['writers_left_out']}")
+        print(f"Written: {path}")
+        return
     metrics = evaluate_and_report(model, data, config.ckpt_dir, name, config)
     print(f"{dataset} {args.split} ({len(data)} pairs): EER {100 * metrics['eer']:.2f} %, "
           f"accuracy {100 * metrics['accuracy']:.2f} %, AUC {metrics['auc']:.4f}, threshold {metrics['threshold']:.6g}")
-    print(f"Written: {Path(config.ckpt_dir) / f'{name}_metrics.json'} and its plots")
+    writers = metrics["writer_level"]
+    if writers is not None:
+        print(f"writer level ({len(writers['per_writer'])} writers): EER genuine vs skilled {100 * writers['eer']:.2f} %, "
+              f"with each writer's own threshold {100 * writers['eer_user_thresholds']:.2f} %, "
+              f"mean writer AUC {writers['mean_writer_auc']:.4f}")
+    print(f"Written: {Path(config.ckpt_dir) / f'{name}_metrics.json'}, its plots"
+          + (f" and {name}_per_writer.csv" if writers is not None else ""))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    """Distance between two signatures and the decision at the run's EER threshold."""
-    import torch
+    """Is QUERY by the writer of the REF scans? Each reference's distance, their aggregate and the decision at the
+    run's EER threshold (genuine when the aggregate is at or below it)."""
+    from module.evaluation import starting_model_note
+    from module.verifier import Verifier
 
-    from sig_dataloader_colab import load_signature
-    from training_utils import load_trained_model, run_threshold, starting_model_note
-
-    threshold, source = (args.threshold, "--threshold") if args.threshold is not None else run_threshold(args.run)
-    config, model = load_trained_model(args.run)
-    device = config.resolved_device()
-    images = [load_signature(path, config.image_size).unsqueeze(0).to(device) for path in (args.reference, args.query)]
-    with torch.no_grad():
-        distance = model.compare(model.embed(images[0]), model.embed(images[1])).item()
-    decision = "GENUINE" if distance <= threshold else "FORGED"
-    print(f"distance {distance:.6g}, threshold {threshold:.6g} ({source}): {decision}")
-    if note := starting_model_note(args.run): print(f"warning: {note}", file=sys.stderr)  # noqa: E701 - one line
+    if len(args.scans) < 2:
+        raise ValueError("verify needs at least one REF scan and the QUERY scan: finetune.py verify REF [REF ...] QUERY")
+    *references, query = args.scans
+    verifier = Verifier.from_run(args.run, threshold=args.threshold, aggregate=args.aggregate)
+    if args.threshold is not None:
+        verifier.threshold_source = "--threshold"
+    if args.explain:
+        decision, _ = verifier.explain(query, references=references, figure=args.explain)
+    else:
+        decision = verifier.verify(query, references=references)
+    if args.json:
+        print(json.dumps(decision._asdict()))
+        return
+    for reference, distance in zip(references, decision.distances):
+        print(f"{reference}: distance {distance:.6g}")
+    aggregate = f"{args.aggregate} distance" if len(references) > 1 else "distance"
+    print(f"{aggregate} {decision.distance:.6g}, threshold {decision.threshold:.6g} ({verifier.threshold_source}): "
+          f"{'GENUINE' if decision.genuine else 'FORGED'}")
+    if args.explain:
+        print(f"Explanation (the query against its closest reference): {args.explain}")
+    if note := starting_model_note(args.run):
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,14 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=datasets, default=None, help="another dataset (default: the run's)")
     evaluate.add_argument("--data-root", default=None, help="another dataset root (default: the run's)")
     evaluate.add_argument("--name", default=None, help="file name prefix of the results (default: the split)")
+    evaluate.add_argument("--references", type=int, default=None, metavar="K",
+                          help="verify as a bank does: each query against K other genuine signatures of its writer, "
+                               "drawn at random (seeded with the run's seed)")
+    evaluate.add_argument("--aggregate", choices=("mean", "min", "max"), default="mean",
+                          help="with --references: how the K distances combine (default %(default)s)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    verify = commands.add_parser("verify", help="is QUERY by the writer of REF? distance and decision",
-                                 description=cmd_verify.__doc__)
-    verify.add_argument("reference", metavar="REF", help="a genuine signature's scan")
-    verify.add_argument("query", metavar="QUERY", help="the scan to check")
+    verify = commands.add_parser("verify", help="is QUERY by the writer of the REF scans? distances and decision",
+                                 description=cmd_verify.__doc__, usage="%(prog)s REF [REF ...] QUERY --run RUN [options]")
+    verify.add_argument("scans", nargs="+", metavar="REF [REF ...] QUERY",
+                        help="genuine signatures of the claimed writer, then the scan to check")
     verify.add_argument("--run", required=True, help="run folder (holds best.pt and val_metrics.json) or a checkpoint file")
     verify.add_argument("--threshold", type=float, default=None, help="distance threshold (default: the run's validation EER threshold)")
+    verify.add_argument("--aggregate", choices=("mean", "min", "max"), default="mean",
+                        help="how the distances to several references combine (default %(default)s)")
+    verify.add_argument("--json", action="store_true", help="print one JSON object: distances, distance, threshold, genuine")
+    verify.add_argument("--explain", metavar="FIG.png", default=None,
+                        help="draw why: the transport plan between the query and its closest reference")
     verify.set_defaults(handler=cmd_verify)
     return parser
 

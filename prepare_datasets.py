@@ -46,6 +46,7 @@ from module.pair_files import (
     Pair,
     PairFileError,
     PairFileReport,
+    add_random_forgeries,
     count_pairs,
     read_pair_file,
     sample_pair_file,
@@ -269,8 +270,12 @@ def _dataset_name(dataset: str) -> str:
     return name
 
 
-def _arguments(name: str, val_ratio: float, random_state: int, options: dict[str, Any]) -> dict[str, Any]:
-    """Every argument of the layout's generator, the defaults filled in, as JSON reads them back (tuples as lists)."""
+def _arguments(name: str, val_ratio: float, random_state: int, options: dict[str, Any],
+               random_forgeries: int = 0) -> dict[str, Any]:
+    """Every argument of the layout's generator, the defaults filled in, as JSON reads them back (tuples as lists).
+
+    ``random_forgeries`` is recorded only when asked for, so that pair files made before it existed stay valid.
+    """
     unknown = [key for key in options if key not in PAIR_OPTIONS[name]]
     if unknown:
         others = ", ".join(option(key) for key in PAIR_OPTIONS[name])
@@ -278,7 +283,8 @@ def _arguments(name: str, val_ratio: float, random_state: int, options: dict[str
     defaults = {key: parameter.default for key, parameter in inspect.signature(GENERATORS[name]).parameters.items()
                 if key in PAIR_OPTIONS[name]}
     given = {key: value for key, value in options.items() if value is not None}
-    values = {"dataset": name, "val_ratio": val_ratio, "random_state": random_state, **defaults, **given}
+    extra = {"random_forgeries": random_forgeries} if random_forgeries else {}
+    values = {"dataset": name, "val_ratio": val_ratio, "random_state": random_state, **extra, **defaults, **given}
     return json.loads(json.dumps(values, default=list))
 
 
@@ -299,8 +305,17 @@ def _record(root: Path, arguments: dict[str, Any], files: dict[str, str]) -> Non
     atomic_write_text(root / PAIR_MANIFEST, json.dumps({"arguments": arguments, "files": relative}, indent=1))
 
 
+def _generate(root: str | os.PathLike, arguments: dict[str, Any], out_dir: str | os.PathLike | None = None) -> dict:
+    """The layout's generator run with ``_arguments``' values; then the random forgeries, when asked for."""
+    values = {key: value for key, value in arguments.items() if key not in ("dataset", "random_forgeries")}
+    result = GENERATORS[arguments["dataset"]](root, **values, out_dir=out_dir)
+    if arguments.get("random_forgeries"):
+        add_random_forgeries(result["files"]["test"], arguments["random_forgeries"], arguments["random_state"])
+    return result
+
+
 def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: float = 0.0, random_state: int = 42,
-                      rewrite: bool = False, **options: Any) -> dict[str, str]:
+                      random_forgeries: int = 0, rewrite: bool = False, **options: Any) -> dict[str, str]:
     """The pair files of a dataset root, written only when needed; returns {split: path}.
 
     Files made by an earlier call (recorded in pair_files.json with their
@@ -312,13 +327,15 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
 
     Args:
         dataset: "cedar", "bhsig" or "gpds" ("gdps" too).
+        random_forgeries: random-forgery pairs added to gray_test.txt for each
+            test writer (label 0; see module.pair_files.random_forgery_pairs), seeded with random_state.
         options: the layout's options (PAIR_OPTIONS), passed to generate_cedar_pairs,
             generate_bhsig_pairs or generate_gdps_pairs (e.g. train_ratio, test_writers, resplit);
             None means the generator's default.
     """
     name = _dataset_name(dataset)
     root = Path(data_root)
-    arguments = _arguments(name, val_ratio, random_state, options)
+    arguments = _arguments(name, val_ratio, random_state, options, random_forgeries)
     try:
         saved = json.loads((root / PAIR_MANIFEST).read_text())
     except (OSError, ValueError):
@@ -333,8 +350,7 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
     if reason is None and not rewrite:
         return files
     existed = [PAIR_FILES[s] for s in PAIR_FILES if (root / PAIR_FILES[s]).is_file()]
-    generator_arguments = {key: value for key, value in arguments.items() if key != "dataset"}
-    result = GENERATORS[name](root, **generator_arguments)
+    result = _generate(root, arguments)
     _record(root, arguments, result["files"])
     if existed and not rewrite:
         warnings.warn(f"replaced the pair files {', '.join(existed)} in {root} ({reason})", stacklevel=2)
@@ -451,9 +467,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command in GENERATORS or args.command == "gdps":
         name = _dataset_name(args.command)
         options = pair_options_of(args, [name])
-        arguments = _arguments(name, args.val_ratio, args.random_state, options)
-        result = GENERATORS[name](args.root, **{k: v for k, v in arguments.items() if k != "dataset"},
-                                  out_dir=args.out_dir)
+        arguments = _arguments(name, args.val_ratio, args.random_state, options, args.random_forgeries)
+        result = _generate(args.root, arguments, out_dir=args.out_dir)
         if args.out_dir is None:
             _record(Path(args.root), arguments, result["files"])
         _print_generated(result)

@@ -58,7 +58,7 @@ from module.checkpoint import (
     trained_state_keys,
 )
 from module.config import FinetuneConfig
-from module.evaluation import evaluate_and_report, starting_model_note, validate
+from module.evaluation import evaluate_and_report, evaluate_with_references, explain_worst_errors, starting_model_note, validate
 from module.feature_store import resolve_feature_dtype
 from module.features import (
     CachedPairBatch,
@@ -72,9 +72,15 @@ from module.features import (
     pair_labels,
 )
 from module.loss import NonFiniteLossError
-from module.metrics import compute_metrics, save_metrics_json
+from module.metrics import compute_metrics, compute_writer_metrics, save_metrics_json
 from module.pair_files import PAIR_FILES
-from module.plots import plot_roc_curve, plot_score_distribution, plot_training_history
+from module.plots import (
+    plot_explanation,
+    plot_roc_curve,
+    plot_score_distribution,
+    plot_training_history,
+    plot_writer_eers,
+)
 from module.run_folder import (
     BEST_WEIGHTS,
     RunFolderError,
@@ -90,6 +96,7 @@ from module.run_folder import (
     set_aside_run,
 )
 from module.scheduler import GradualWarmupScheduler
+from module.verifier import Decision, Verifier
 from module.wording import option
 from prepare_datasets import pair_file_fix
 from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
@@ -99,9 +106,11 @@ __all__ = [
     "TrainingRun", "TrainingResult", "prepare_run", "fit", "train_one_epoch", "HISTORY_KEYS",
     "build_model", "build_datasets", "report_run", "train_and_report", "run_status", "load_trained_model", "run_threshold",
     # re-exported, so that notebooks import from one place
-    "FinetuneConfig", "validate", "evaluate_and_report", "starting_model_note", "NonFiniteLossError",
+    "FinetuneConfig", "validate", "evaluate_and_report", "starting_model_note", "evaluate_with_references",
+    "explain_worst_errors", "NonFiniteLossError", "Verifier", "Decision",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",
-    "compute_metrics", "save_metrics_json", "plot_training_history", "plot_roc_curve", "plot_score_distribution",
+    "compute_metrics", "compute_writer_metrics", "save_metrics_json",
+    "plot_training_history", "plot_roc_curve", "plot_score_distribution", "plot_writer_eers", "plot_explanation",
     "seed_everything", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
     "find_latest_checkpoint", "epoch_checkpoint_path", "export_state_dict", "CheckpointError", "RunFolderError",
     "lock_run_folder",

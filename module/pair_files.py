@@ -9,13 +9,16 @@ backslashes between folders. Every file written here is tab-separated with LF
 line ends, atomically, since GPDS file names can carry spaces.
 
 The writer of a path is read from the file names of the three layouts
-(`writer_of`), which is how validation finds writers shared between files.
+(`writer_of`), which is how validation finds writers shared between files;
+whether a scan is a forgery too (`signature_of`), which gives each pair its
+kind (`pair_kind`: genuine, skilled or random forgery).
 """
 from __future__ import annotations
 
 import os
 import re
 from array import array
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -37,15 +40,19 @@ __all__ = [
     "PairFileError",
     "PairFileReport",
     "ParsedPairFile",
+    "add_random_forgeries",
     "count_pairs",
     "existing_files",
+    "pair_kind",
     "parse_pair_line",
+    "random_forgery_pairs",
     "read_pair_file",
     "read_pair_index",
     "resolve_pair_file",
     "undecodable_images",
     "sample_pair_file",
     "sample_pairs",
+    "signature_of",
     "validate_pair_file",
     "write_pair_file",
     "writer_of",
@@ -222,6 +229,82 @@ def writer_of(path: str) -> int | None:
         if match:
             return int(match.group(group))
     return None
+
+
+def signature_of(path: str) -> tuple[int, bool] | None:
+    """``(writer, is_forgery)`` from a CEDAR, BHSig or GPDS file name, or None when the name follows none of them.
+
+    A forgery's writer is the writer whose signature it imitates.
+    """
+    name = os.path.basename(path)
+    for pattern, forgery_group, forgery_marks in ((CEDAR_NAME, 1, ("forgeries",)), (BHSIG_NAME, 3, ("f",)),
+                                                  (GPDS_NAME, 1, ("cf",))):
+        match = pattern.match(name)
+        if match:
+            return int(match.group(2)), match.group(forgery_group).lower() in forgery_marks
+    return None
+
+
+def pair_kind(reference: str, query: str) -> str | None:
+    """The kind of a pair's query, read from the file names: ``"genuine"`` (the reference writer's own),
+    ``"skilled"`` (a forgery of the reference writer) or ``"random"`` (another writer's genuine signature).
+
+    None when a name follows no layout, the reference is a forgery, or the
+    query is a forgery of another writer.
+    """
+    signed, questioned = signature_of(reference), signature_of(query)
+    if signed is None or questioned is None or signed[1]:
+        return None
+    if questioned[1]:
+        return "skilled" if questioned[0] == signed[0] else None
+    return "genuine" if questioned[0] == signed[0] else "random"
+
+
+def random_forgery_pairs(pairs: Sequence[Pair], per_writer: int, rng: np.random.Generator) -> list[Pair]:
+    """``per_writer`` random-forgery pairs (label 0) for each writer of ``pairs``, drawn by ``rng``.
+
+    Each has a genuine signature of the writer as reference and a genuine
+    signature of another writer of ``pairs`` as query; none repeats a pair
+    of ``pairs`` or another drawn one, in either order. A writer gets fewer
+    when there are not that many.
+    """
+    if per_writer < 0:
+        raise ValueError(f"the number of random forgeries a writer must be 0 or more, got {per_writer}")
+    if per_writer == 0:
+        return []
+    genuine: dict[int, set[str]] = defaultdict(set)
+    for path in {path for reference, query, _ in pairs for path in (reference, query)}:
+        signature = signature_of(path)
+        if signature is not None and not signature[1]:
+            genuine[signature[0]].add(path)
+    if len(genuine) < 2:
+        raise ValueError(f"random forgeries need genuine signatures of two writers or more; the pairs have "
+                         f"{len(genuine)} writer(s) with file names of a known layout")
+    taken = {frozenset((reference, query)) for reference, query, _ in pairs}
+    drawn: list[Pair] = []
+    for writer in sorted(genuine):
+        references = sorted(genuine[writer])
+        others = sorted(path for other in genuine if other != writer for path in genuine[other])
+        found = 0
+        for index in rng.permutation(len(references) * len(others)):
+            reference, query = references[index // len(others)], others[index % len(others)]
+            if frozenset((reference, query)) in taken:
+                continue
+            taken.add(frozenset((reference, query)))
+            drawn.append((reference, query, 0))
+            found += 1
+            if found == per_writer:
+                break
+    return drawn
+
+
+def add_random_forgeries(pair_file: str | os.PathLike, per_writer: int, random_state: int = 42) -> int:
+    """Append ``random_forgery_pairs`` (seeded with ``random_state``) to a pair file, atomically; returns how many."""
+    parsed = read_pair_file(pair_file)
+    parsed.raise_for_problems()
+    drawn = random_forgery_pairs(parsed.pairs, per_writer, np.random.default_rng(random_state))
+    write_pair_file(pair_file, parsed.pairs + drawn)
+    return len(drawn)
 
 
 

@@ -46,11 +46,15 @@ _OPTION_HELP: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def add_pair_options(parser: argparse.ArgumentParser, datasets: Sequence[str], val_ratio: float) -> None:
-    """The pair-file options of `datasets` (PAIR_OPTIONS), --val-ratio and --seed: one definition for both command lines."""
+    """The pair-file options of `datasets` (PAIR_OPTIONS), --val-ratio, --seed and --random-forgeries: one definition
+    for both command lines."""
     parser.add_argument("--val-ratio", type=float, default=val_ratio,
                         help="share of writers for gray_val.txt, which picks the best epoch (default %(default)s)")
     parser.add_argument("--seed", dest="random_state", metavar="SEED", type=int, default=42,
                         help="the split's seed (default %(default)s)")
+    parser.add_argument("--random-forgeries", type=int, default=0, metavar="N",
+                        help="add N random-forgery test pairs a test writer: another writer's genuine signature as "
+                             "the query, label 0 (default %(default)s)")
     for dataset in datasets:
         for name in PAIR_OPTIONS[dataset]:
             settings, help_text = _OPTION_HELP[name]

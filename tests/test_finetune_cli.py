@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,11 @@ import torch
 
 import finetune as finetune_cli
 from module.config import FinetuneConfig
+from module.evaluation import reference_trials
+from module.pair_files import pair_kind, read_pair_file
 from prepare_datasets import make_synthetic_dataset
+from sig_dataloader_colab import load_signature
+from training_utils import Verifier, compute_writer_metrics, load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "16", "--lr", "4e-3"]
@@ -175,7 +180,9 @@ def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Pa
     eight, sixteen = (finetune("verify", tmp_path / name, query, "--run", demo_run)
                       for name in ("reference_8bit.png", "reference_16bit.tif"))
     assert eight.returncode == 0 and sixteen.returncode == 0, eight.stderr[-2000:] + sixteen.stderr[-2000:]
-    assert sixteen.stdout == eight.stdout and "distance" in eight.stdout
+    # The same distance and decision; only the reference's file name differs.
+    assert sixteen.stdout.replace("reference_16bit.tif", "reference_8bit.png") == eight.stdout
+    assert "distance" in eight.stdout
 
 
 def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> None:
@@ -326,3 +333,78 @@ def test_bhsig_with_few_writers_prepare_train_evaluate_verify(gpds_run, tmp_path
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert {path.name: path.read_bytes() for path in root.glob("*.*")} == before
     assert json.loads((gpds_out / "bhsig_test_metrics.json").read_text())["n_genuine"] == 6
+@pytest.fixture(scope="module")
+def bank_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 writers (2 of them test writers) of 5 genuine signatures and 3 forgeries; 2 random forgeries a test writer."""
+    root = tmp_path_factory.mktemp("bank")
+    make_synthetic_dataset(root, "cedar", n_writers=8, n_genuine=5, n_forged=3, seed=4, image_size=96, progress=False)
+    result = finetune("prepare", "cedar", root, "--val-ratio", "0.25", "--random-forgeries", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    kinds = Counter(pair_kind(ref, query) for ref, query, _ in read_pair_file(root / "gray_test.txt").pairs)
+    assert kinds == {"genuine": 2 * 10, "skilled": 2 * 15, "random": 2 * 2}
+    assert "random" not in {pair_kind(ref, query) for ref, query, _ in read_pair_file(root / "gray_train.txt").pairs}
+    return root
+
+
+def test_verify_three_references_json_and_explain(demo_run: Path, tmp_path: Path, capsys) -> None:
+    data = demo_run / "data"
+    references = [data / f"full_org/original_1_{n}.png" for n in (1, 2, 3)]
+    query = data / "full_forg/forgeries_1_1.png"
+    figure = tmp_path / "why.png"
+    result = finetune("verify", *references, query, "--run", demo_run, "--json", "--explain", figure)
+    assert result.returncode == 0, result.stderr[-2000:]
+    decision = json.loads(result.stdout)  # one JSON object and nothing else
+    assert set(decision) == {"distances", "distance", "threshold", "genuine"} and len(decision["distances"]) == 3
+    assert decision["distance"] == pytest.approx(sum(decision["distances"]) / 3, rel=1e-12)
+    assert decision["threshold"] == json.loads((demo_run / "val_metrics.json").read_text())["threshold"]
+    assert decision["genuine"] == (decision["distance"] <= decision["threshold"])
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+    # The Verifier of the run gives the command's numbers; each distance is that reference's alone.
+    verifier = Verifier.from_run(demo_run)
+    assert verifier.verify(query, references=references).distances == pytest.approx(decision["distances"], rel=1e-6)
+    alone = verifier.verify(query, references=references[1:2]).distance
+    assert alone == pytest.approx(decision["distances"][1], rel=1e-6)
+
+    assert finetune_cli.main(["verify", *map(str, references), str(query), "--run", str(demo_run),
+                              "--aggregate", "max", "--threshold", "0.5"]) == 0
+    output = capsys.readouterr().out
+    assert all(f"{reference}: distance" in output for reference in references)
+    assert f"max distance {max(decision['distances']):.6g}, threshold 0.5 (--threshold): " in output
+    assert finetune_cli.main(["verify", str(query), "--run", str(demo_run)]) == 1
+    assert "at least one REF" in capsys.readouterr().err
+
+
+def test_evaluate_writer_level_and_with_references(demo_run: Path, bank_corpus: Path) -> None:
+    result = finetune("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "writer level (2 writers)" in result.stdout
+    writers = json.loads((demo_run / "bank_metrics.json").read_text())["writer_level"]
+    assert [record["n_random"] for record in writers["per_writer"]] == [2, 2] and writers["far_random"] is not None
+    rows = (demo_run / "bank_per_writer.csv").read_text().splitlines()
+    assert rows[0] == "writer,eer,threshold,auc,n_genuine,n_skilled,n_random" and len(rows) == 3
+    assert rows[1].split(",")[0] == str(writers["per_writer"][0]["writer"]) and rows[1].endswith(",10,15,2")
+    assert (demo_run / "bank_writer_eers.png").is_file()
+
+    result = finetune("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank", "--references", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((demo_run / "bank_references_3_metrics.json").read_text())
+    assert (saved["references"], saved["aggregate"], saved["writers_left_out"]) == (3, "mean", [])
+    assert "queries against 3 references each" in result.stdout and "FAR random" in result.stdout
+
+    # The same protocol by hand: each image embedded alone, each trial's mean distance, the writer-level figures.
+    config, model = load_trained_model(demo_run)
+    pairs = [(str(bank_corpus / ref), str(bank_corpus / query)) for ref, query, _ in
+             read_pair_file(bank_corpus / "gray_test.txt").pairs]
+    trials, _ = reference_trials(pairs, 3, np.random.default_rng(config.seed))
+    assert saved["n_trials"] == len(trials) == 2 * (5 + 3) + len({(ref, query) for ref, query in pairs
+                                                                   if pair_kind(ref, query) == "random"})
+    with torch.no_grad():
+        features = {path: model.embed(load_signature(path, config.image_size)[None])
+                    for path in {path for refs, query, _, _ in trials for path in (*refs, query)}}
+        distances = [np.mean([model.compare(features[ref], features[query]).item() for ref in refs])
+                     for refs, query, _, _ in trials]
+    expected = compute_writer_metrics(distances, [writer for *_, writer, _ in trials], [kind for *_, kind in trials])
+    for key in ("eer", "frr", "far_skilled", "far_random", "eer_user_thresholds", "mean_writer_auc"):
+        assert saved[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert saved["threshold"] == pytest.approx(expected["threshold"], rel=1e-5)

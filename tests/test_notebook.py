@@ -150,6 +150,10 @@ def test_demo_runs_and_resumes_after_restart_and_after_run_all(tmp_path: Path, k
         assert (ckpt_dir / name).is_file(), name
     assert "the backbone is fresh" in stream_text(first)
     assert json.loads((ckpt_dir / "cross_cedar_other_metrics.json").read_text())["n_genuine"] > 0
+    assert json.loads((ckpt_dir / "test_metrics.json").read_text())["writer_level"]["per_writer"]
+    for mistake in ("false accept", "false reject"):  # PART 8 explains each, or says there is none
+        assert (ckpt_dir / f"test_worst_{mistake.replace(' ', '_')}.png").is_file() or \
+            f"no {mistake} on the test split" in stream_text(first), mistake
     assert json.loads((ckpt_dir / "history.json").read_text())["epoch"] == history
 
     # 2. A runtime restart during the last epoch (files kept), then Run all: nothing is remade, training continues.

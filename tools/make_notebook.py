@@ -98,8 +98,9 @@ print(pair_files)"""),
 import dataclasses
 import torch
 from IPython.display import Image, display
-from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, print_trainable_params,
-                            run_status, setup_head_only_finetune, starting_model_note, train_and_report)
+from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, explain_worst_errors,
+                            print_trainable_params, run_status, setup_head_only_finetune, starting_model_note,
+                            train_and_report)
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU'}")"""),
     ("Model", """\
 # PART 4 - Model: the run's settings, the pretrained weights, and what trains (head_str; the backbone stays frozen).
@@ -119,13 +120,23 @@ print(run_status(config.ckpt_dir))"""),
 # again continues from the last checkpoint on disk, not from the half-trained model in memory.
 result = train_and_report(config, model=model, datasets=datasets, resume=RESUME)"""),
     ("Evaluation on the test split", """\
-# PART 8 - The best model on the test split (the validation EER threshold is what `finetune.py verify` uses).
-test = result.metrics["test"]
+# PART 8 - The best model on the test split (the validation EER threshold is what `finetune.py verify` uses), its
+# writer-level figures, and why it made its worst mistakes: the transport plan of the worst false accept and reject.
+test, threshold = result.metrics["test"], result.metrics["val"]["threshold"]
 print(f"best epoch {result.run.best_epoch}: test EER {test['eer']:.2%}, accuracy {test['accuracy']:.2%}, "
-      f"AUC {test['auc']:.4f}, threshold {result.metrics['val']['threshold']:.4g}")
+      f"AUC {test['auc']:.4f}, threshold {threshold:.4g}")
 if note := starting_model_note(result.run.ckpt_dir):  # best epoch 0, or a fresh backbone
     print(f"Note: {note}.")
-display(Image(filename=str(result.run.ckpt_dir / "test_scores.png")))"""),
+writers = test["writer_level"]
+if writers is not None:
+    print(f"writer level: EER {writers['eer']:.2%} (genuine vs skilled), {writers['eer_user_thresholds']:.2%} with each "
+          f"writer's own threshold, mean writer AUC {writers['mean_writer_auc']:.4f} (test_per_writer.csv)")
+display(Image(filename=str(result.run.ckpt_dir / "test_scores.png")))
+for mistake, figure in explain_worst_errors(result.model, datasets["test"], test, threshold, result.run.ckpt_dir).items():
+    if figure is None:
+        print(f"no {mistake} on the test split")
+    else:
+        display(Image(filename=str(figure)))"""),
     ("Cross-dataset evaluation", """\
 # PART 9 - Cross-dataset evaluation: the best model on the test split of each of CROSS_DATASETS.
 # A dataset's gray_test.txt is read as it is (its pair files are never rewritten); one is written only where none exists.
