@@ -11,14 +11,17 @@ loads before the notebook has installed every requirement.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
 import re
 import sys
 import tarfile
+import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -307,6 +310,18 @@ def _checked_tar_members(archive: Path, tar: tarfile.TarFile, target_dir: Path) 
     return members
 
 
+@contextmanager
+def _naming_target(archive: Path, target_dir: Path) -> Iterator[None]:
+    """An ``OSError`` without a file name (a full disk mid-write) names where the archive was being extracted."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise type(error)(error.errno, f"cannot extract {archive.name} into {target_dir}: {error.strerror or error}"
+                          + (" (free some space)" if error.errno == errno.ENOSPC else "")) from error
+
+
 def extract_archive(archive: Path | str, target_dir: Path | str, quiet: bool = False) -> Path:
     """Extract a zip or tar archive into `target_dir`, safely and only once.
 
@@ -335,14 +350,20 @@ def extract_archive(archive: Path | str, target_dir: Path | str, quiet: bool = F
             for member in members:
                 _check_member_path(archive, member.filename, target_dir)
             for member in tqdm(members, desc=f"Extracting {archive.name}", unit="file", disable=quiet):
-                zipped.extract(member, target_dir)
+                with _naming_target(archive, target_dir):
+                    extracted = zipped.extract(member, target_dir)
+                    # zipfile stamps files with the time of extraction; the archive's own time (as tar keeps it) lets
+                    # the feature store recognise the scans when a new Colab runtime extracts the archive again.
+                    archived_at = time.mktime((*member.date_time, 0, 0, -1))
+                    os.utime(extracted, (archived_at, archived_at))
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
             members = _checked_tar_members(archive, tar, target_dir)
             # The "data" filter (Python >= 3.11.4) repeats these checks inside tarfile itself.
             safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             for member in tqdm(members, desc=f"Extracting {archive.name}", unit="file", disable=quiet):
-                tar.extract(member, target_dir, **safety)
+                with _naming_target(archive, target_dir):
+                    tar.extract(member, target_dir, **safety)
     else:
         raise UnsafeArchiveError(
             f"{archive} is neither a zip nor a tar archive (a download quota page saved in its place?). "

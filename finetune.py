@@ -4,7 +4,7 @@
     python finetune.py prepare cedar DATA_ROOT               # pair files gray_{train,val,test}.txt
     python finetune.py train cedar DATA_ROOT --out runs/cedar --pretrained weights.pth
     python finetune.py evaluate --run runs/cedar             # best model on the test split
-    python finetune.py verify REF.png QUERY.png --run runs/cedar
+    python finetune.py verify REF.png [REF2.png ...] QUERY.png --run runs/cedar
 
 `train` continues from the newest checkpoint in --out (stop it any time, run
 the same command again); --no-resume starts over. Each command exits with
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import linecache
+import math
 import sys
 import time
 import warnings
@@ -89,13 +90,20 @@ def _require_folder(path: Path, what: str) -> None:
         raise FileNotFoundError(f"dataset root {path} not found. Fix: pass the folder that holds the {what} scans.")
 
 
+def _require_run_folder(out: Path) -> None:
+    """--out must be a folder or not exist yet: checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder. Fix: give --out a folder (created when missing).")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthetic corpus, pair files, fine-tuning on the fast path, evaluation before and after."""
     from prepare_datasets import ensure_pair_files, ensure_synthetic_dataset
-    from training_utils import build_datasets, build_model, evaluate_and_report, train_and_report
+    from training_utils import train_and_report
 
     start = time.perf_counter()
     out = Path(args.out).absolute()
+    _require_run_folder(out)
     data_root = out / "data"
     config = config_from_args(args, dataset="cedar", **_resolved_run_folders(args, data_root, out))
     ensure_synthetic_dataset(
@@ -103,15 +111,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         seed=args.seed, image_size=args.canvas,
     )
     ensure_pair_files("cedar", data_root, val_ratio=args.val_ratio, random_state=args.seed)
-
-    before_file = out / "test_before_metrics.json"
-    if before_file.is_file() and not args.no_resume:
-        before = json.loads(before_file.read_text())
-    else:
-        # The starting model's test EER, measured before any checkpoint can replace its weights.
-        before = evaluate_and_report(build_model(config), build_datasets(config, splits=("test",))["test"], out,
-                                     "test_before", config)
     after = train_and_report(config, resume=not args.no_resume).metrics["test"]
+    before = json.loads((out / "test_before_metrics.json").read_text())  # the starting model, written by train_and_report
 
     backbone = f"pretrained weights {config.pretrained}" if config.pretrained else "a fresh (untrained) backbone"
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s on {backbone}.")
@@ -126,32 +127,51 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    """Write (or check and keep) the train/val/test pair files of a dataset root."""
+    """Write (or check and keep) the train/val/test pair files of a dataset root, then check them: lines, images
+    (present, and their headers decode), duplicates, writers shared between the files."""
+    from module.pair_options import PAIR_OPTIONS, pair_options_of
     from prepare_datasets import ensure_pair_files, validate_pair_file
 
     data_root = Path(args.data_root).absolute()
     _require_folder(data_root, args.dataset)
-    for path in ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.seed).values():
-        print(validate_pair_file(data_root, path).summary())
+    files = ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.random_state,
+                              random_forgeries=args.random_forgeries,
+                              **pair_options_of(args, list(PAIR_OPTIONS))).values()
+    reports = [validate_pair_file(data_root, path, [other for other in files if other != path]) for path in files]
+    print("\n".join(report.summary() for report in reports))
+    if not all(report.ok for report in reports):
+        shared = any(any(report.shared_writers.values()) for report in reports)
+        fix = "--resplit splits the writers afresh" if shared and args.dataset == "gpds" else "see --help for the options"
+        raise ValueError(f"the pair files in {data_root} have the problems listed above: fix the scans or the options "
+                         f"({fix})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune head_str on a prepared dataset; resumes from --out unless --no-resume."""
     data_root = Path(args.data_root)
     _require_folder(data_root, args.dataset)
-    from training_utils import train_and_report
+    _require_run_folder(Path(args.out))
+    from training_utils import starting_model_note, train_and_report
 
     config = config_from_args(args, dataset=args.dataset, **_resolved_run_folders(args, data_root, Path(args.out)))
-    metrics = train_and_report(config, resume=not args.no_resume).metrics
-    print(f"\nBest model: validation EER {100 * metrics['val']['eer']:.2f} %, test EER {100 * metrics['test']['eer']:.2f} %, "
-          f"test accuracy {100 * metrics['test']['accuracy']:.2f} %.")
+    result = train_and_report(config, resume=not args.no_resume)
+    metrics = result.metrics
+    print(f"\nBest model (epoch {result.run.best_epoch}): validation EER {100 * metrics['val']['eer']:.2f} %, "
+          f"test EER {100 * metrics['test']['eer']:.2f} %, test accuracy {100 * metrics['test']['accuracy']:.2f} %.")
+    note = starting_model_note(config.ckpt_dir)
+    if note:
+        print(f"Note: {note}.")
     print(f"Run folder: {config.ckpt_dir} (best.pt, best_weights.pth, val/test metrics JSON, plots)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Evaluate a run's best model on a split of its dataset, or of another one (cross-dataset)."""
+    """Evaluate a run's best model on a split of its dataset, or of another one (cross-dataset): pair metrics and
+    writer-level figures, or with --references K the way a bank verifies (each query against K references)."""
     import dataclasses
 
+    from module.evaluation import evaluate_with_references
+    from module.metrics import save_metrics_json
+    from prepare_datasets import ensure_test_pair_file
     from training_utils import build_datasets, evaluate_and_report, load_trained_model
 
     config, model = load_trained_model(args.run)
@@ -161,32 +181,68 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"dataset root {data_root} not found. Fix: pass --data-root with the {dataset} folder.")
     name = args.name or (args.split if dataset == config.dataset and not args.data_root else f"{dataset}_{args.split}")
     config = dataclasses.replace(config, dataset=dataset, data_root=data_root)
+    if args.split == "test":  # the test file there is read as it is; one is written only where there is none
+        ensure_test_pair_file(dataset, data_root)
     data = build_datasets(config, splits=(args.split,))[args.split]
+    if args.references is not None:
+        metrics = evaluate_with_references(model, data, args.references, config, aggregate=args.aggregate,
+                                           seed=config.seed)
+        path = save_metrics_json(metrics, Path(config.ckpt_dir) / f"{name}_references_{args.references}_metrics.json")
+        far_random = ("n/a (no random forgeries)" if math.isnan(metrics["far_random"])
+                      else f"{100 * metrics['far_random']:.2f} %")
+        print(f"{dataset} {args.split}, {metrics['n_trials']} queries against {args.references} references each "
+              f"({args.aggregate} distance): EER {100 * metrics['eer']:.2f} %, FRR {100 * metrics['frr']:.2f} %, "
+              f"FAR skilled {100 * metrics['far_skilled']:.2f} %, FAR random {far_random}, "
+              f"threshold {metrics['threshold']:.6g}")
+        if metrics["writers_left_out"]:
+            print(f"left out, {args.references} or fewer genuine signatures: writers {metrics['writers_left_out']}")
+        print(f"Written: {path}")
+        return
     metrics = evaluate_and_report(model, data, config.ckpt_dir, name, config)
     print(f"{dataset} {args.split} ({len(data)} pairs): EER {100 * metrics['eer']:.2f} %, "
           f"accuracy {100 * metrics['accuracy']:.2f} %, AUC {metrics['auc']:.4f}, threshold {metrics['threshold']:.6g}")
-    print(f"Written: {Path(config.ckpt_dir) / f'{name}_metrics.json'} and its plots")
+    writers = metrics["writer_level"]
+    if writers is not None:
+        print(f"writer level ({len(writers['per_writer'])} writers): EER genuine vs skilled {100 * writers['eer']:.2f} %, "
+              f"with each writer's own threshold {100 * writers['eer_user_thresholds']:.2f} %, "
+              f"mean writer AUC {writers['mean_writer_auc']:.4f}")
+    print(f"Written: {Path(config.ckpt_dir) / f'{name}_metrics.json'}, its plots"
+          + (f" and {name}_per_writer.csv" if writers is not None else ""))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    """Distance between two signatures and the decision at the run's EER threshold."""
-    import torch
+    """Is QUERY by the writer of the REF scans? Each reference's distance, their aggregate and the decision at the
+    run's EER threshold (genuine when the aggregate is at or below it)."""
+    from module.evaluation import starting_model_note
+    from module.verifier import Verifier
 
-    from sig_dataloader_colab import load_signature
-    from training_utils import load_trained_model, run_threshold
-
-    threshold, source = (args.threshold, "--threshold") if args.threshold is not None else run_threshold(args.run)
-    config, model = load_trained_model(args.run)
-    device = config.resolved_device()
-    images = [load_signature(path, config.image_size).unsqueeze(0).to(device) for path in (args.reference, args.query)]
-    with torch.no_grad():
-        distance = model.compare(model.embed(images[0]), model.embed(images[1])).item()
-    decision = "GENUINE" if distance <= threshold else "FORGED"
-    print(f"distance {distance:.6g}, threshold {threshold:.6g} ({source}): {decision}")
+    if len(args.scans) < 2:
+        raise ValueError("verify needs at least one REF scan and the QUERY scan: finetune.py verify REF [REF ...] QUERY")
+    *references, query = args.scans
+    verifier = Verifier.from_run(args.run, threshold=args.threshold, aggregate=args.aggregate)
+    if args.threshold is not None:
+        verifier.threshold_source = "--threshold"
+    if args.explain:
+        decision, _ = verifier.explain(query, references=references, figure=args.explain)
+    else:
+        decision = verifier.verify(query, references=references)
+    if args.json:
+        print(json.dumps(decision._asdict()))
+        return
+    for reference, distance in zip(references, decision.distances):
+        print(f"{reference}: distance {distance:.6g}")
+    aggregate = f"{args.aggregate} distance" if len(references) > 1 else "distance"
+    print(f"{aggregate} {decision.distance:.6g}, threshold {decision.threshold:.6g} ({verifier.threshold_source}): "
+          f"{'GENUINE' if decision.genuine else 'FORGED'}")
+    if args.explain:
+        print(f"Explanation (the query against its closest reference): {args.explain}")
+    if note := starting_model_note(args.run):
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from module.config import FinetuneConfig
+    from module.pair_options import PAIR_OPTIONS, add_pair_options
 
     parser = argparse.ArgumentParser(
         prog="finetune.py", description=__doc__.split("\n\n")[0],
@@ -211,8 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   description=cmd_prepare.__doc__)
     prepare.add_argument("dataset", choices=datasets)
     prepare.add_argument("data_root", help="the dataset's root (CEDAR: the folder holding full_org/ and full_forg/)")
-    prepare.add_argument("--val-ratio", type=float, default=0.1, help="share of writers for validation (default %(default)s)")
-    prepare.add_argument("--seed", type=int, default=42, help="default %(default)s")
+    add_pair_options(prepare, PAIR_OPTIONS, val_ratio=0.1)
     prepare.set_defaults(handler=cmd_prepare)
 
     train = commands.add_parser("train", help="fine-tune head_str; resumes from --out", description=cmd_train.__doc__)
@@ -229,14 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", choices=datasets, default=None, help="another dataset (default: the run's)")
     evaluate.add_argument("--data-root", default=None, help="another dataset root (default: the run's)")
     evaluate.add_argument("--name", default=None, help="file name prefix of the results (default: the split)")
+    evaluate.add_argument("--references", type=int, default=None, metavar="K",
+                          help="verify as a bank does: each query against K other genuine signatures of its writer, "
+                               "drawn at random (seeded with the run's seed)")
+    evaluate.add_argument("--aggregate", choices=("mean", "min", "max"), default="mean",
+                          help="with --references: how the K distances combine (default %(default)s)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    verify = commands.add_parser("verify", help="is QUERY by the writer of REF? distance and decision",
-                                 description=cmd_verify.__doc__)
-    verify.add_argument("reference", metavar="REF", help="a genuine signature's scan")
-    verify.add_argument("query", metavar="QUERY", help="the scan to check")
+    verify = commands.add_parser("verify", help="is QUERY by the writer of the REF scans? distances and decision",
+                                 description=cmd_verify.__doc__, usage="%(prog)s REF [REF ...] QUERY --run RUN [options]")
+    verify.add_argument("scans", nargs="+", metavar="REF [REF ...] QUERY",
+                        help="genuine signatures of the claimed writer, then the scan to check")
     verify.add_argument("--run", required=True, help="run folder (holds best.pt and val_metrics.json) or a checkpoint file")
     verify.add_argument("--threshold", type=float, default=None, help="distance threshold (default: the run's validation EER threshold)")
+    verify.add_argument("--aggregate", choices=("mean", "min", "max"), default="mean",
+                        help="how the distances to several references combine (default %(default)s)")
+    verify.add_argument("--json", action="store_true", help="print one JSON object: distances, distance, threshold, genuine")
+    verify.add_argument("--explain", metavar="FIG.png", default=None,
+                        help="draw why: the transport plan between the query and its closest reference")
     verify.set_defaults(handler=cmd_verify)
     return parser
 
@@ -281,13 +346,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The helpers' warnings (a skipped corrupt checkpoint, rewritten pair files) read best as one plain line.
     warnings.formatwarning = lambda message, category, *location: f"warning: {message}\n"
+    from module.wording import command_line
+
     try:
-        args.handler(args)
+        with command_line("finetune.py"):  # messages name this command's flags
+            args.handler(args)
     except Exception as error:
         if args.debug or not _is_bad_input(error):
             raise
-        # Helpers write several lines for people; a command line wants one.
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        # Helpers write several lines for people, in Python's words where they name a fix; a command line wants
+        # one, in its own words (flags) where the error has them.
+        message = getattr(error, "command_line_message", None) or str(error)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished epochs are saved; run the same command again to continue.", file=sys.stderr)

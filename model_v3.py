@@ -13,6 +13,8 @@ with ``strict=True``.
 The forward pass is split into ``embed`` (the backbone, per image) and
 ``compare`` (everything after it, per pair) so that a frozen backbone's
 features can be computed once per image and reused for every pair.
+``explain`` opens one pair's distance up: the transport plan says which
+reference token each query token was matched to, and what that cost.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 
 from models.dsnet import DSNet
-from models.emd import pairwise_cost, sinkhorn_emd
+from models.emd import pairwise_cost, sinkhorn_emd, sinkhorn_plan
 from models.fine_tune_utils import FrozenModulesStayInEval
 from module.checkpoint import CheckpointMismatchError, load_state_dict_checked, read_torch_file
 from module.loss import ContrastiveLoss
@@ -34,6 +36,7 @@ from module.loss import ContrastiveLoss
 __all__ = [
     "ViT_for_OSV_DSNet",
     "TokenFeatures",
+    "Explanation",
     "CheckpointMismatchError",
     "load_pretrained",
     "read_model_options",
@@ -96,6 +99,37 @@ class TokenFeatures(NamedTuple):
         return TokenFeatures(self.tokens[index], self.kept[index])
 
 
+class Explanation(NamedTuple):
+    """One pair's distance opened up: the transport plan between the ink (kept) tokens of the two images.
+
+    Attributes:
+        plan: ``[S2, S1]`` float64, the mass moved from each kept query token (row)
+            to each kept reference token (column); each column sums to ``1 / S1``
+            (see ``models.emd.sinkhorn_plan``).
+        cost: ``[S2, S1]`` float64, the cost of each match (``dis_type`` between
+            the tokens projected by ``head_str``).
+        ref_positions: ``[S1, 2]`` int64, (row, column) of each kept reference
+            token on the token grid; a token covers 32 x 32 input pixels.
+        query_positions: ``[S2, 2]`` int64, the same for the query.
+        grid: ``(rows, columns)`` of the token grid, ``(H / 32, W / 32)``.
+        global_distance: the distance between the mean final-norm tokens.
+        structural_distance: ``(plan * cost).sum()``, exactly.
+        distance: ``global_distance + temp * structural_distance``, exactly
+            (float64; ``forward`` gives the same in float32).
+        temp: the weight of the structural distance.
+    """
+
+    plan: torch.Tensor
+    cost: torch.Tensor
+    ref_positions: torch.Tensor
+    query_positions: torch.Tensor
+    grid: tuple[int, int]
+    global_distance: float
+    structural_distance: float
+    distance: float
+    temp: float
+
+
 class ViT_for_OSV_DSNet(FrozenModulesStayInEval):  # noqa: N801 - the authors' public name
     """Siamese DetailSemNet.
 
@@ -145,13 +179,16 @@ class ViT_for_OSV_DSNet(FrozenModulesStayInEval):  # noqa: N801 - the authors' p
             return self.pdist(ref_mean, query_mean)
         return 1 - F.cosine_similarity(ref_mean, query_mean, dim=1).unsqueeze(1)
 
+    def _token_cost(self, ref: TokenFeatures, query: TokenFeatures) -> torch.Tensor:
+        """Cost ``[B, N, N]`` (query rows, reference columns) between every pair of tokens after ``head_str``."""
+        return pairwise_cost(self.head_str(query.tokens.float()), self.head_str(ref.tokens.float()), self.dis_type)
+
     def structural_distance(self, ref: TokenFeatures, query: TokenFeatures) -> torch.Tensor:
         """EMD ``[B]`` between the kept tokens of each pair after ``head_str``; 0 where a side has none."""
-        ref_points = self.head_str(ref.tokens.float())
-        query_points = self.head_str(query.tokens.float())
-        cost = pairwise_cost(query_points, ref_points, self.dis_type)
-        eps = SINKHORN_EPS_TRAIN if self.training else SINKHORN_EPS_EVAL
-        return sinkhorn_emd(cost, query.kept, ref.kept, eps=eps)
+        return sinkhorn_emd(self._token_cost(ref, query), query.kept, ref.kept, eps=self._sinkhorn_eps())
+
+    def _sinkhorn_eps(self) -> float:
+        return SINKHORN_EPS_TRAIN if self.training else SINKHORN_EPS_EVAL
 
     def compare(self, ref: TokenFeatures, query: TokenFeatures) -> torch.Tensor:
         """Distance ``[B, 1]`` between reference and query features (smaller = more likely genuine).
@@ -164,6 +201,51 @@ class ViT_for_OSV_DSNet(FrozenModulesStayInEval):  # noqa: N801 - the authors' p
             if self.emd:
                 distance = distance + self.temp * self.structural_distance(ref, query).unsqueeze(1)
         return distance
+
+    def explain(self, ref: torch.Tensor, query: torch.Tensor) -> Explanation:
+        """The transport plan behind one pair's distance; ``ref``, ``query``: images ``[1, H, W]`` or ``[1, 1, H, W]``.
+
+        Runs in eval mode (the evaluation epsilon), whatever the model's mode,
+        and leaves the mode as it was; ``distance`` is the eval-mode ``forward``
+        distance of the pair (which ``forward`` rounds to float32).
+        """
+        images = [image.unsqueeze(0) if image.dim() == 3 else image for image in (ref, query)]
+        if any(image.dim() != 4 or image.shape[:2] != (1, 1) for image in images):
+            raise ValueError(f"explain takes one pair, images of shape [1, H, W] or [1, 1, H, W]; got "
+                             f"{list(ref.shape)} and {list(query.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                grid = (images[1].shape[-2] // 32, images[1].shape[-1] // 32)
+                return self.explain_features(self.embed(images[0]), self.embed(images[1]), grid)
+        finally:
+            self.train(was_training)
+
+    def explain_features(self, ref: TokenFeatures, query: TokenFeatures, grid: tuple[int, int]) -> Explanation:
+        """``explain`` from one pair's features (``embed`` of each image) on a token ``grid`` ``(H / 32, W / 32)``,
+        in the model's current mode.
+        """
+        if not self.emd:
+            raise ValueError("explain needs the structural distance: this model was built with emd=False")
+        if ref.tokens.shape[0] != 1 or query.tokens.shape[0] != 1 or query.tokens.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"explain takes one pair's features on a {grid[0]}x{grid[1]} grid, got tokens "
+                             f"{list(ref.tokens.shape)} and {list(query.tokens.shape)}")
+        with torch.no_grad(), torch.autocast(device_type=ref.tokens.device.type, enabled=False):
+            global_distance = float(self.global_distance(ref, query))
+            cost = self._token_cost(ref, query).double()
+            plan = sinkhorn_plan(cost, query.kept, ref.kept, eps=self._sinkhorn_eps())
+        query_kept, ref_kept = query.kept[0], ref.kept[0]
+        plan = plan[0][query_kept][:, ref_kept].cpu()
+        cost = cost[0][query_kept][:, ref_kept].cpu()
+        structural_distance = float((plan * cost).sum())
+
+        def positions(kept: torch.Tensor) -> torch.Tensor:
+            index = kept.nonzero()[:, 0].cpu()
+            return torch.stack((index // grid[1], index % grid[1]), dim=1)
+
+        return Explanation(plan, cost, positions(ref_kept), positions(query_kept), grid, global_distance,
+                           structural_distance, global_distance + self.temp * structural_distance, self.temp)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x [B, 2, H, W]`` (reference, query), ``y [B, 1]`` (1 genuine) -> ``(distance [B, 1], loss)``.
@@ -181,6 +263,9 @@ _STATE_DICT_WRAPPERS = ("model_state_dict", "state_dict", "model")
 
 
 def _unwrap_state_dict(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, Mapping) and "trained_state_dict" in checkpoint:
+        raise ValueError(f"{source} is a fine-tuning checkpoint: it holds only the trained tensors, not the whole model. "
+                         "Load best_weights.pth of its run folder instead, or use training_utils.load_trained_model")
     state = checkpoint
     while isinstance(state, Mapping) and not all(isinstance(value, torch.Tensor) for value in state.values()):
         wrapper = next((key for key in _STATE_DICT_WRAPPERS if isinstance(state.get(key), Mapping)), None)

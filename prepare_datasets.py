@@ -1,11 +1,15 @@
-"""Dataset folder layouts, writers and the pair files made from them (spec section 7).
+"""Pair files made from dataset folders (spec section 7), and the command line that makes and checks them.
 
 The generators write `gray_train.txt` and `gray_test.txt` (and
 `gray_val.txt` with a validation split) into the dataset root, where the
 datasets in sig_dataloader_colab.py look for them. Splits are by writer, and
-everything is deterministic for `random_state`. `ensure_pair_files` writes
-them only when they are missing, invalid or made with other arguments (for
-notebooks that are run again after a disconnect). The pair-file format, its
+everything is deterministic for `random_state`. Whatever is odd in a folder
+(a writer without forgeries, a forgery-only writer, a writer number spelled
+two ways) is reported as a warning naming the writer and what was done
+(module/layouts.py). `ensure_pair_files` writes them only when they are
+missing, invalid or made with other arguments (for notebooks that are run
+again after a disconnect); `ensure_test_pair_file` gives evaluation a test
+file without touching a dataset's other files. The pair-file format, its
 reading and its validation live in module/pair_files.py.
 
 Command line: `python prepare_datasets.py {synthetic,cedar,bhsig,gpds,sample,validate} --help`.
@@ -13,28 +17,36 @@ Command line: `python prepare_datasets.py {synthetic,cedar,bhsig,gpds,sample,val
 from __future__ import annotations
 
 import argparse
-import itertools
+import inspect
 import json
 import os
-import re
 import sys
+import tempfile
 import warnings
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from module.io import atomic_write_text
+from module.layouts import (
+    BHSIG_TEST_WRITERS,
+    WriterScans,
+    scan_bhsig,
+    scan_cedar,
+    scan_gpds,
+    split_sizes,
+    split_writers,
+    usable_writers,
+    writer_pairs,
+)
 from module.pair_files import (
-    BHSIG_NAME,
-    CEDAR_NAME,
-    GPDS_NAME,
     PAIR_FILES,
+    PAIR_MANIFEST,
     Pair,
     PairFileError,
     PairFileReport,
+    add_random_forgeries,
     count_pairs,
     read_pair_file,
     sample_pair_file,
@@ -43,18 +55,23 @@ from module.pair_files import (
     write_pair_file,
     writer_of,
 )
+from module.pair_options import PAIR_OPTIONS, add_pair_options, pair_options_of
+from module.wording import command_line, option, prepare_command, writer_ranges
 from synthetic_signatures import ensure_synthetic_dataset, make_synthetic_dataset
 
 __all__ = [
     "PAIR_FILES",
+    "PAIR_OPTIONS",
     "PairFileError",
     "PairFileReport",
     "ensure_pair_files",
     "ensure_synthetic_dataset",
+    "ensure_test_pair_file",
     "generate_bhsig_pairs",
     "generate_cedar_pairs",
     "generate_gdps_pairs",
     "make_synthetic_dataset",
+    "pair_file_fix",
     "read_pair_file",
     "sample_pair_file",
     "validate_pair_file",
@@ -62,52 +79,16 @@ __all__ = [
     "writer_of",
 ]
 
-# Written beside the pair files by ensure_pair_files: how they were made.
-PAIR_MANIFEST = "pair_files.json"
-BHSIG_LANGUAGES = {"hindi": "H", "bengali": "B"}
-BHSIG_TEST_WRITERS = {"hindi": range(1, 61), "bengali": range(1, 51)}
 # The paper's CEDAR protocol: 50 train / 5 test writers, 276 forgery pairs a writer.
 PAPER_TRAIN_RATIO = 50 / 55
 PAPER_FORGERY_PAIRS = 276
 
 
-@dataclass
-class WriterScans:
-    """One writer's scans, paths relative to the dataset root, in sample order."""
-
-    genuine: list[str] = field(default_factory=list)
-    forged: list[str] = field(default_factory=list)
-
-
-def writer_pairs(scans: WriterScans, n_forgery_pairs: int | None = None, rng: np.random.Generator | None = None) -> list[Pair]:
-    """All genuine-genuine pairs (unordered) and genuine-forgery pairs of one writer.
-
-    With `n_forgery_pairs`, that many genuine-forgery pairs drawn without
-    replacement by `rng` (kept in their natural order).
-    """
-    pairs = [(a, b, 1) for a, b in itertools.combinations(scans.genuine, 2)]
-    forgeries = [(g, f, 0) for g in scans.genuine for f in scans.forged]
-    if n_forgery_pairs is not None and n_forgery_pairs < len(forgeries):
-        keep = np.sort(rng.choice(len(forgeries), n_forgery_pairs, replace=False))
-        forgeries = [forgeries[i] for i in keep]
-    return pairs + forgeries
-
-
-def split_writers(writers: Sequence[int], n_test: int, n_val: int, rng: np.random.Generator) -> dict[str, list[int]]:
-    """Writers shuffled by `rng` into test, validation and train (each list sorted)."""
-    order = [int(w) for w in rng.permutation(sorted(writers))]
-    return {
-        "train": sorted(order[n_test + n_val:]),
-        "val": sorted(order[n_test:n_test + n_val]),
-        "test": sorted(order[:n_test]),
-    }
-
-
-def _write_splits(out_dir: Path, split_pairs: dict[str, list[Pair]], writers: dict[str, list[int]]) -> dict:
+def _write_splits(out_dir: Path, split_pairs: dict[str, list[Pair]], writers: dict[str, list[int]], notes: list[str]) -> dict:
     """Write one pair file a split (validation only when it has writers); the generators' return value.
 
     A gray_val.txt left by an earlier run with a validation split is removed:
-    its writers may now be training writers.
+    its writers may now be training writers. Each note is also a warning.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files, counts = {}, {}
@@ -118,58 +99,13 @@ def _write_splits(out_dir: Path, split_pairs: dict[str, list[Pair]], writers: di
         files[split] = str(out_dir / PAIR_FILES[split])
         write_pair_file(files[split], pairs)
         counts[split] = count_pairs(pairs)
-    return {"files": files, "writers": {s: writers[s] for s in files}, "counts": counts}
-
-
-def _rel(root: Path, path: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _natural_key(path: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path))
-
-
-def _split_sizes(n_writers: int, test_ratio: float, val_ratio: float) -> tuple[int, int]:
-    """Numbers of test and validation writers (at least one for a positive ratio), leaving one or more for training."""
-    for name, ratio in (("test ratio", test_ratio), ("val_ratio", val_ratio)):
-        if not 0 <= ratio < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {ratio}")
-    n_test = max(round(n_writers * test_ratio), 1) if test_ratio > 0 else 0
-    n_val = max(round(n_writers * val_ratio), 1) if val_ratio > 0 else 0
-    if n_test + n_val >= n_writers:
-        raise ValueError(
-            f"{n_writers} writers are too few for {n_test} test and {n_val} validation writers and one for training"
-        )
-    return n_test, n_val
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return {"files": files, "writers": {s: writers[s] for s in files}, "counts": counts, "notes": notes}
 
 
 # ---------------------------------------------------------------------------
-# CEDAR
-
-
-def scan_cedar(data_root: str | os.PathLike) -> dict[int, WriterScans]:
-    """Writers of a CEDAR root: full_org/original_{w}_{n}.png and full_forg/forgeries_{w}_{n}.png."""
-    root = Path(data_root)
-    if not (root / "full_org").is_dir():
-        raise FileNotFoundError(
-            f"{root / 'full_org'} not found: a CEDAR root holds full_org/original_{{w}}_{{n}}.png and "
-            "full_forg/forgeries_{w}_{n}.png; pass the folder that contains full_org/"
-        )
-    found: dict[int, dict[str, list[tuple[int, str]]]] = defaultdict(lambda: {"original": [], "forgeries": []})
-    for folder in ("full_org", "full_forg"):
-        if not (root / folder).is_dir():
-            continue
-        for entry in os.scandir(root / folder):
-            match = CEDAR_NAME.match(entry.name)
-            if match:
-                kind, writer, number = match.group(1).lower(), int(match.group(2)), int(match.group(3))
-                found[writer][kind].append((number, f"{folder}/{entry.name}"))
-    if not found:
-        raise FileNotFoundError(f"no CEDAR scans (original_{{w}}_{{n}}.png) in {root / 'full_org'}")
-    return {
-        w: WriterScans([p for _, p in sorted(f["original"])], [p for _, p in sorted(f["forgeries"])])
-        for w, f in sorted(found.items())
-    }
+# The three layouts' generators
 
 
 def generate_cedar_pairs(
@@ -196,56 +132,23 @@ def generate_cedar_pairs(
         out_dir: where the files go; default the dataset root.
 
     Returns:
-        dict: files {split: path}, writers {split: [ids]}, counts {split: {pairs, genuine, forgery}}.
+        dict: files {split: path}, writers {split: [ids]}, counts {split: {pairs, genuine, forgery}},
+        notes (what was odd in the folder, also warned).
     """
     root = Path(data_root)
-    scans = scan_cedar(root)
+    scans, notes = usable_writers(scan_cedar(root))
     if paper_protocol:
         train_ratio, forgery_pairs_per_writer = PAPER_TRAIN_RATIO, PAPER_FORGERY_PAIRS
     if not 0 < train_ratio < 1:
-        raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio}")
+        raise ValueError(f"{option('train_ratio')} must be in (0, 1), got {train_ratio}")
     rng = np.random.default_rng(random_state)
-    n_test, n_val = _split_sizes(len(scans), 1 - train_ratio, val_ratio)
+    n_test, n_val = split_sizes(len(scans), 1 - train_ratio, val_ratio, test_option="train_ratio")
     writers = split_writers(list(scans), n_test, n_val, rng)
     split_pairs = {
         split: [p for w in ws for p in writer_pairs(scans[w], forgery_pairs_per_writer, rng)]
         for split, ws in writers.items()
     }
-    return _write_splits(Path(out_dir) if out_dir else root, split_pairs, writers)
-
-
-# ---------------------------------------------------------------------------
-# BHSig260
-
-
-def scan_bhsig(data_root: str | os.PathLike, language: str | None = None) -> tuple[str, dict[int, WriterScans]]:
-    """Language and writers of a BHSig260 language folder: {w}/H-S-{w}-G-{nn}.tif, {w}/H-S-{w}-F-{nn}.tif (B- for Bengali)."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} not found: pass the BHSig260 language folder holding one folder a writer")
-    if language is not None and language.lower() not in BHSIG_LANGUAGES:
-        raise ValueError(f"unknown language {language!r}: choose 'hindi' or 'bengali'")
-    found: dict[int, dict[str, list[tuple[int, str]]]] = defaultdict(lambda: {"G": [], "F": []})
-    prefixes = set()
-    for folder in (e for e in os.scandir(root) if e.is_dir()):
-        for entry in os.scandir(folder.path):
-            match = BHSIG_NAME.match(entry.name)
-            if match:
-                prefixes.add(match.group(1).upper())
-                writer, kind, number = int(match.group(2)), match.group(3).upper(), int(match.group(4))
-                found[writer][kind].append((number, f"{folder.name}/{entry.name}"))
-    if not found:
-        languages = [e.name for e in os.scandir(root) if e.is_dir() and e.name.lower() in BHSIG_LANGUAGES]
-        hint = f"; pass {root / languages[0]}" if languages else ""
-        raise FileNotFoundError(f"no BHSig scans ({{w}}/H-S-{{w}}-G-{{nn}}.tif or B-S-...) in {root}{hint}")
-    if len(prefixes) > 1:
-        raise ValueError(f"{root} mixes Hindi (H-) and Bengali (B-) scans: keep one language a folder")
-    found_language = {v: k for k, v in BHSIG_LANGUAGES.items()}[prefixes.pop()]
-    if language is not None and language.lower() != found_language:
-        raise ValueError(f"{root} holds {found_language} scans, not {language}")
-    return found_language, {
-        w: WriterScans([p for _, p in sorted(f["G"])], [p for _, p in sorted(f["F"])]) for w, f in sorted(found.items())
-    }
+    return _write_splits(Path(out_dir) if out_dir else root, split_pairs, writers, notes)
 
 
 def generate_bhsig_pairs(
@@ -267,55 +170,27 @@ def generate_bhsig_pairs(
         val_ratio: share of the non-test writers moved into gray_val.txt.
 
     Returns:
-        dict: language, files, writers, counts (as generate_cedar_pairs).
+        dict: language, files, writers, counts, notes (as generate_cedar_pairs).
     """
     root = Path(data_root)
-    language, scans = scan_bhsig(root, language)
+    language, found = scan_bhsig(root, language)
+    scans, notes = usable_writers(found)
     wanted = set(BHSIG_TEST_WRITERS[language] if test_writers is None else (int(w) for w in test_writers))
     test = sorted(set(scans) & wanted)
     rest = sorted(set(scans) - wanted)
     if not test or not rest:
+        default = "" if test_writers is not None else f" (by default {writer_ranges(BHSIG_TEST_WRITERS[language])})"
         raise ValueError(
-            f"the test writers leave {len(test)} test and {len(rest)} train writers among the {len(scans)} in {root}: "
-            "pass test_writers= (ids of writers that exist)"
+            f"the test writers{default} leave {len(test)} test and {len(rest)} train writers among the {len(scans)} "
+            f"usable writers ({writer_ranges(scans)}) in {root}: choose test writers that exist and leave some for "
+            f"training, e.g. {option('test_writers', sorted(scans)[:max(1, len(scans) // 4)])}"
         )
     rng = np.random.default_rng(random_state)
-    n_val = _split_sizes(len(rest), 0.0, val_ratio)[1]
+    n_val = split_sizes(len(rest), 0.0, val_ratio)[1]
     inner = split_writers(rest, 0, n_val, rng)
     writers = {"train": inner["train"], "val": inner["val"], "test": test}
     split_pairs = {split: [p for w in ws for p in writer_pairs(scans[w])] for split, ws in writers.items()}
-    return {"language": language, **_write_splits(Path(out_dir) if out_dir else root, split_pairs, writers)}
-
-
-# ---------------------------------------------------------------------------
-# GPDS-style folders
-
-
-def scan_gpds(data_root: str | os.PathLike) -> dict[str, dict[int, WriterScans]]:
-    """Writers of each folder split: train/{genuine,forge}/ and test/{subject}/{genuine,forge}/."""
-    root = Path(data_root)
-    folders = {"train": [root / "train"], "test": sorted(p for p in (root / "test").glob("*") if p.is_dir())}
-    if not (root / "train").is_dir() and not folders["test"]:
-        raise FileNotFoundError(
-            f"neither {root / 'train'} nor {root / 'test'} found: a GPDS-style root holds train/genuine/, "
-            "train/forge/ and test/{subject}/genuine/, test/{subject}/forge/"
-        )
-    splits: dict[str, dict[int, WriterScans]] = {}
-    for split, bases in folders.items():
-        found: dict[int, WriterScans] = defaultdict(WriterScans)
-        for base in bases:
-            for kind, attr in (("genuine", "genuine"), ("forge", "forged")):
-                if not (base / kind).is_dir():
-                    continue
-                for entry in os.scandir(base / kind):
-                    match = GPDS_NAME.match(entry.name)
-                    if match:
-                        getattr(found[int(match.group(2))], attr).append(_rel(root, Path(entry.path)))
-        for scans in found.values():
-            scans.genuine.sort(key=_natural_key)
-            scans.forged.sort(key=_natural_key)
-        splits[split] = dict(sorted(found.items()))
-    return splits
+    return {"language": language, **_write_splits(Path(out_dir) if out_dir else root, split_pairs, writers, notes)}
 
 
 def generate_gdps_pairs(
@@ -332,49 +207,85 @@ def generate_gdps_pairs(
     """Pair files for GPDS-style folders; pairs are made within a writer, as for CEDAR.
 
     The folder split (train/, test/) is not guaranteed writer-disjoint: every
-    writer found in both is reported (returned and warned about). With
-    `resplit`, the scans of both folders are pooled and the writers split
-    afresh into train / validation / test (`val_ratio`, `test_ratio` of the
-    writers, seeded), writer-disjoint by construction. The `max_*_pairs` caps
-    draw that many pairs from a split, keeping its genuine/forgery ratio.
+    writer found in both is reported (returned and warned about). Without
+    `resplit`, test/ is the test split and `val_ratio` of the writers found
+    only in train/ become the validation split. With `resplit`, the scans of
+    both folders are pooled and the writers split afresh into train /
+    validation / test (`val_ratio`, `test_ratio` of the writers, seeded),
+    writer-disjoint by construction. The `max_*_pairs` caps draw that many
+    pairs from a split, keeping its genuine/forgery ratio.
 
     Returns:
-        dict: files, writers, counts (as generate_cedar_pairs), and
+        dict: files, writers, counts, notes (as generate_cedar_pairs), and
         shared_writers (writers in both folder splits).
     """
     root = Path(data_root)
     folder_splits = scan_gpds(root)
-    shared = sorted(set(folder_splits["train"]) & set(folder_splits["test"]))
-    if shared and not resplit:
-        warnings.warn(
-            f"{len(shared)} writer(s) appear in both {root / 'train'} and {root / 'test'} "
-            f"(first: {shared[:5]}); the folder split is not writer-disjoint, use resplit=True (--resplit)",
-            stacklevel=2,
-        )
+    shared = sorted(set(folder_splits["train"].files) & set(folder_splits["test"].files))
+    notes = []
+    if shared:
+        done = "pooled by the re-split" if resplit else \
+            f"the folder split is not writer-disjoint; {option('resplit')} pools the folders and splits by writer"
+        notes.append(f"{len(shared)} writer(s) appear in both {root / 'train'} and {root / 'test'} "
+                     f"(ids {writer_ranges(shared[:20])}{', ...' if len(shared) > 20 else ''}): {done}")
     rng = np.random.default_rng(random_state)
     if resplit:
-        pooled: dict[int, WriterScans] = defaultdict(WriterScans)
-        for split in ("train", "test"):
-            for w, scans in folder_splits[split].items():
-                pooled[w].genuine += scans.genuine
-                pooled[w].forged += scans.forged
-        n_test, n_val = _split_sizes(len(pooled), test_ratio, val_ratio)
+        pooled, pooled_notes = usable_writers(folder_splits["train"].merged(folder_splits["test"]))
+        notes += pooled_notes
+        n_test, n_val = split_sizes(len(pooled), test_ratio, val_ratio)
         writers = split_writers(list(pooled), n_test, n_val, rng)
         split_pairs = {s: [p for w in ws for p in writer_pairs(pooled[w])] for s, ws in writers.items()}
     else:
-        writers = {"train": list(folder_splits["train"]), "val": [], "test": list(folder_splits["test"])}
-        split_pairs = {"val": []}
-        for split in ("train", "test"):
-            split_pairs[split] = [p for w in writers[split] for p in writer_pairs(folder_splits[split][w])]
+        if test_ratio != 0.2:
+            raise ValueError(f"{option('test_ratio')} sets the test share of a re-split: add {option('resplit')}, "
+                             "or leave it out to test on the test/ folder")
+        scans: dict[str, dict[int, WriterScans]] = {}
+        for split, found in folder_splits.items():
+            scans[split], split_notes = usable_writers(found, where=f"in {split}/: ")
+            notes += split_notes
+        only_train = sorted(set(scans["train"]) - set(scans["test"]))
+        n_val = split_sizes(len(only_train), 0.0, val_ratio)[1] if val_ratio else 0
+        validation = split_writers(only_train, 0, n_val, rng)["val"]
+        writers = {"train": sorted(set(scans["train"]) - set(validation)), "val": validation,
+                   "test": sorted(scans["test"])}
+        split_pairs = {split: [p for w in writers[split] for p in writer_pairs(scans["test" if split == "test" else "train"][w])]
+                       for split in ("train", "val", "test")}
     caps = {"train": max_train_pairs, "val": max_val_pairs, "test": max_test_pairs}
     for split, cap in caps.items():
         if cap is not None:
             split_pairs[split] = sample_pairs(split_pairs[split], cap, rng)
-    return {"shared_writers": shared, **_write_splits(Path(out_dir) if out_dir else root, split_pairs, writers)}
+    return {"shared_writers": shared, **_write_splits(Path(out_dir) if out_dir else root, split_pairs, writers, notes)}
 
 
 # ---------------------------------------------------------------------------
-# Sampling and validation
+# Pair files that are made once: for notebooks run again, for training and for evaluation
+
+GENERATORS = {"cedar": generate_cedar_pairs, "bhsig": generate_bhsig_pairs, "gpds": generate_gdps_pairs}
+
+
+def _dataset_name(dataset: str) -> str:
+    name = "gpds" if dataset.lower() == "gdps" else dataset.lower()
+    if name not in GENERATORS:
+        raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(GENERATORS)}")
+    return name
+
+
+def _arguments(name: str, val_ratio: float, random_state: int, options: dict[str, Any],
+               random_forgeries: int = 0) -> dict[str, Any]:
+    """Every argument of the layout's generator, the defaults filled in, as JSON reads them back (tuples as lists).
+
+    ``random_forgeries`` is recorded only when asked for, so that pair files made before it existed stay valid.
+    """
+    unknown = [key for key in options if key not in PAIR_OPTIONS[name]]
+    if unknown:
+        others = ", ".join(option(key) for key in PAIR_OPTIONS[name])
+        raise ValueError(f"{', '.join(option(key) for key in unknown)} is not an option of {name} (its options: {others})")
+    defaults = {key: parameter.default for key, parameter in inspect.signature(GENERATORS[name]).parameters.items()
+                if key in PAIR_OPTIONS[name]}
+    given = {key: value for key, value in options.items() if value is not None}
+    extra = {"random_forgeries": random_forgeries} if random_forgeries else {}
+    values = {"dataset": name, "val_ratio": val_ratio, "random_state": random_state, **extra, **defaults, **given}
+    return json.loads(json.dumps(values, default=list))
 
 
 def _why_not_reusable(root: Path, files: dict[str, str]) -> str | None:
@@ -382,78 +293,118 @@ def _why_not_reusable(root: Path, files: dict[str, str]) -> str | None:
     for split, path in files.items():
         if not Path(path).is_file():
             return f"{Path(path).name} is missing"
-        report = validate_pair_file(root, Path(path).absolute(), other_pair_files=[])
+        report = validate_pair_file(root, Path(path).absolute(), other_pair_files=[], check_images=False)
         if report.malformed or report.missing_files or report.duplicates:
             return report.summary(limit=2)
     return None
 
 
-def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: float = 0.0, random_state: int = 42, **options) -> dict[str, str]:
+def _record(root: Path, arguments: dict[str, Any], files: dict[str, str]) -> None:
+    # Recorded relative to the root, so the record holds wherever the root is reached from.
+    relative = {split: os.path.relpath(path, root) for split, path in files.items()}
+    atomic_write_text(root / PAIR_MANIFEST, json.dumps({"arguments": arguments, "files": relative}, indent=1))
+
+
+def _generate(root: str | os.PathLike, arguments: dict[str, Any], out_dir: str | os.PathLike | None = None) -> dict:
+    """The layout's generator run with ``_arguments``' values; then the random forgeries, when asked for."""
+    values = {key: value for key, value in arguments.items() if key not in ("dataset", "random_forgeries")}
+    result = GENERATORS[arguments["dataset"]](root, **values, out_dir=out_dir)
+    if arguments.get("random_forgeries"):
+        add_random_forgeries(result["files"]["test"], arguments["random_forgeries"], arguments["random_state"])
+    return result
+
+
+def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: float = 0.0, random_state: int = 42,
+                      random_forgeries: int = 0, rewrite: bool = False, **options: Any) -> dict[str, str]:
     """The pair files of a dataset root, written only when needed; returns {split: path}.
 
     Files made by an earlier call (recorded in pair_files.json with their
     arguments) are kept when the arguments match and every file still
     validates; files found without that record (your own) are kept when
     gray_train.txt, gray_test.txt and, for val_ratio > 0, gray_val.txt exist
-    and validate. Otherwise the files are written (with a warning when
-    others are replaced) by the dataset's generator.
+    and validate. Otherwise (or with `rewrite`) the dataset's generator writes
+    them, and a warning says which files it replaced and why.
 
     Args:
         dataset: "cedar", "bhsig" or "gpds" ("gdps" too).
-        options: passed to generate_cedar_pairs, generate_bhsig_pairs or
-            generate_gdps_pairs (e.g. train_ratio, test_writers, resplit).
+        random_forgeries: random-forgery pairs added to gray_test.txt for each
+            test writer (label 0; see module.pair_files.random_forgery_pairs), seeded with random_state.
+        options: the layout's options (PAIR_OPTIONS), passed to generate_cedar_pairs,
+            generate_bhsig_pairs or generate_gdps_pairs (e.g. train_ratio, test_writers, resplit);
+            None means the generator's default.
     """
-    generators = {"cedar": generate_cedar_pairs, "bhsig": generate_bhsig_pairs, "gpds": generate_gdps_pairs}
-    name = "gpds" if dataset.lower() == "gdps" else dataset.lower()
-    if name not in generators:
-        raise ValueError(f"unknown dataset {dataset!r}: choose one of {', '.join(generators)}")
+    name = _dataset_name(dataset)
     root = Path(data_root)
-    # Arguments as JSON would read them back (tuples and ranges become lists).
-    arguments = json.loads(json.dumps({"dataset": name, "val_ratio": val_ratio, "random_state": random_state, **options}, default=list))
-    manifest = root / PAIR_MANIFEST
+    arguments = _arguments(name, val_ratio, random_state, options, random_forgeries)
     try:
-        saved = json.loads(manifest.read_text())
+        saved = json.loads((root / PAIR_MANIFEST).read_text())
     except (OSError, ValueError):
         saved = None
     if saved is not None and saved.get("arguments") == arguments:
-        # Recorded relative to the root, so the record holds wherever the root is reached from.
-        files = {split: str(root / name) for split, name in saved["files"].items()}
+        files = {split: str(root / path) for split, path in saved["files"].items()}
     elif saved is None:
         files = {s: str(root / PAIR_FILES[s]) for s in (("train", "val", "test") if val_ratio > 0 else ("train", "test"))}
     else:
         files = None
     reason = "made with other arguments" if files is None else _why_not_reusable(root, files)
-    if reason is None:
+    if reason is None and not rewrite:
         return files
-    if any((root / f).is_file() for f in PAIR_FILES.values()):
-        warnings.warn(f"rewriting the pair files in {root} ({reason})", stacklevel=2)
-    result = generators[name](root, val_ratio=val_ratio, random_state=random_state, **options)
-    relative = {split: os.path.relpath(path, root) for split, path in result["files"].items()}
-    atomic_write_text(manifest, json.dumps({"arguments": arguments, "files": relative}, indent=1))
+    existed = [PAIR_FILES[s] for s in PAIR_FILES if (root / PAIR_FILES[s]).is_file()]
+    result = _generate(root, arguments)
+    _record(root, arguments, result["files"])
+    if existed and not rewrite:
+        warnings.warn(f"replaced the pair files {', '.join(existed)} in {root} ({reason})", stacklevel=2)
     return result["files"]
+
+
+def ensure_test_pair_file(dataset: str, data_root: str | os.PathLike, random_state: int = 42, **options: Any) -> str:
+    """The test pair file of a dataset root for evaluation: the one there, read as it is, or written when there is none.
+
+    Only gray_test.txt is ever written (the generator's test split), so the
+    root's other pair files, and a test file that exists, stay byte for byte
+    as they are. Returns its path.
+    """
+    name = _dataset_name(dataset)
+    root = Path(data_root)
+    test_file = root / PAIR_FILES["test"]
+    if test_file.is_file():
+        return str(test_file)
+    arguments = _arguments(name, 0.0, random_state, options)
+    with tempfile.TemporaryDirectory(prefix="pairs-") as folder:
+        result = GENERATORS[name](root, **{k: v for k, v in arguments.items() if k != "dataset"}, out_dir=folder)
+        atomic_write_text(test_file, Path(result["files"]["test"]).read_text(encoding="utf-8"))
+    return str(test_file)
+
+
+def pair_file_fix(dataset: str, data_root: str | os.PathLike, missing: Sequence[str]) -> str:
+    """How to make the missing pair files (splits) of a root, in the words of the interface in use.
+
+    When pair_files.json records how the others were made, the same options
+    are repeated, so the new files split the writers the same way; a missing
+    validation file asks for a validation share.
+    """
+    name = _dataset_name(dataset)
+    root = Path(data_root)
+    try:
+        recorded = json.loads((root / PAIR_MANIFEST).read_text())["arguments"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = {}
+    defaults = _arguments(name, 0.0, 42, {})
+    wanted = {key: value for key, value in recorded.items() if key != "dataset" and value != defaults.get(key)}
+    if "val" in missing and not wanted.get("val_ratio"):
+        wanted["val_ratio"] = 0.1
+    val_ratio = wanted.pop("val_ratio", 0.0)
+    return prepare_command(name, root, {"val_ratio": val_ratio, **wanted} if val_ratio else wanted)
 
 
 # ---------------------------------------------------------------------------
 # Command line
 
-
-def _writer_list(text: str) -> list[int]:
-    """'1-60' or '1,3,5-9' -> writer ids."""
-    writers = []
-    for part in text.split(","):
-        low, _, high = part.strip().partition("-")
-        writers += list(range(int(low), int(high or low) + 1))
-    return writers
-
-
-def _print_generated(result: dict, resplit: bool = False) -> None:
+def _print_generated(result: dict) -> None:
     for split, path in result["files"].items():
         c = result["counts"][split]
         print(f"{split:5s} {path}: {c['pairs']} pairs ({c['genuine']} genuine, {c['forgery']} forgery), "
               f"{len(result['writers'][split])} writer(s)")
-    if result.get("shared_writers"):
-        action = "pooled by the re-split" if resplit else "the split is not writer-disjoint: use --resplit"
-        print(f"writers in both the train/ and test/ folders: {result['shared_writers']} ({action})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -472,33 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="longest canvas side (default: full CEDAR-like size)")
     p.add_argument("--language", choices=("hindi", "bengali"), default="hindi", help="for --layout bhsig")
 
-    p = sub.add_parser("cedar", help="gray_train.txt / gray_test.txt for a CEDAR root (full_org/, full_forg/)")
-    p.add_argument("root")
-    p.add_argument("--train-ratio", type=float, default=0.73)
-    p.add_argument("--val-ratio", type=float, default=0.0, help="share of writers for gray_val.txt")
-    p.add_argument("--forgery-pairs", type=int, default=None, help="forgery pairs a writer (default all 576)")
-    p.add_argument("--paper", action="store_true", help="the paper's protocol: 50/5 writers, 276 forgery pairs a writer")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out-dir", default=None, help="where to write (default: the root)")
-
-    p = sub.add_parser("bhsig", help="pair files for a BHSig260 language folder ({w}/H-S-{w}-G-{nn}.tif)")
-    p.add_argument("root")
-    p.add_argument("--language", choices=("hindi", "bengali"), default=None, help="default: from the file names")
-    p.add_argument("--test-writers", type=_writer_list, default=None, help="e.g. 1-60 (default: Hindi 1-60, Bengali 1-50)")
-    p.add_argument("--val-ratio", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out-dir", default=None)
-
-    p = sub.add_parser("gpds", aliases=["gdps"], help="pair files for GPDS-style train/ and test/ folders")
-    p.add_argument("root")
-    p.add_argument("--resplit", action="store_true", help="writer-disjoint train/val/test re-split")
-    p.add_argument("--val-ratio", type=float, default=0.1)
-    p.add_argument("--test-ratio", type=float, default=0.2)
-    p.add_argument("--max-train-pairs", type=int, default=None)
-    p.add_argument("--max-val-pairs", type=int, default=None)
-    p.add_argument("--max-test-pairs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out-dir", default=None)
+    helps = {"cedar": "gray_train.txt / gray_test.txt for a CEDAR root (full_org/, full_forg/)",
+             "bhsig": "pair files for a BHSig260 language folder ({w}/H-S-{w}-G-{nn}.tif)",
+             "gpds": "pair files for GPDS-style train/ and test/ folders"}
+    for dataset, help_text in helps.items():
+        p = sub.add_parser(dataset, aliases=["gdps"] if dataset == "gpds" else [], help=help_text)
+        p.add_argument("root")
+        add_pair_options(p, [dataset], val_ratio=0.1 if dataset == "gpds" else 0.0)
+        p.add_argument("--out-dir", default=None, help="where to write (default: the root, with a record pair_files.json)")
 
     p = sub.add_parser("sample", help="draw COUNT pairs of a pair file, keeping the class ratio")
     p.add_argument("src")
@@ -506,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("count", type=int)
     p.add_argument("--seed", type=int, default=42)
 
-    p = sub.add_parser("validate", help="check pair files: parse, files exist, duplicates, writers shared between splits")
+    p = sub.add_parser("validate", help="check pair files: parse, images exist and decode, duplicates, writers shared "
+                                        "between the files given")
     p.add_argument("root")
     p.add_argument("pair_files", nargs="+", help="relative to the root, or absolute")
     return parser
@@ -514,45 +447,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, category, *location: f"warning: {message}\n"
     try:
-        if args.command == "synthetic":
-            info = make_synthetic_dataset(
-                args.root, layout=args.layout, n_writers=args.writers, n_genuine=args.genuine,
-                n_forged=args.forged, seed=args.seed, image_size=args.image_size, language=args.language,
-            )
-            print(f"{info['counts']['files']} scans of {len(info['writers'])} writers in {info['root']} "
-                  f"({info['layout']}, {info['seconds']} s)")
-        elif args.command == "cedar":
-            _print_generated(generate_cedar_pairs(
-                args.root, train_ratio=args.train_ratio, random_state=args.seed, val_ratio=args.val_ratio,
-                forgery_pairs_per_writer=args.forgery_pairs, paper_protocol=args.paper, out_dir=args.out_dir,
-            ))
-        elif args.command == "bhsig":
-            _print_generated(generate_bhsig_pairs(
-                args.root, language=args.language, test_writers=args.test_writers, random_state=args.seed,
-                val_ratio=args.val_ratio, out_dir=args.out_dir,
-            ))
-        elif args.command in ("gpds", "gdps"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # _print_generated reports shared writers itself
-                result = generate_gdps_pairs(
-                    args.root, resplit=args.resplit, val_ratio=args.val_ratio, test_ratio=args.test_ratio,
-                    max_train_pairs=args.max_train_pairs, max_val_pairs=args.max_val_pairs,
-                    max_test_pairs=args.max_test_pairs, random_state=args.seed, out_dir=args.out_dir,
-                )
-            _print_generated(result, resplit=args.resplit)
-        elif args.command == "sample":
-            counts = sample_pair_file(args.src, args.dst, args.count, random_state=args.seed)
-            print(f"{args.dst}: {counts['dst']['pairs']} pairs ({counts['dst']['genuine']} genuine, "
-                  f"{counts['dst']['forgery']} forgery) of {counts['src']['pairs']}")
-        else:
-            reports = [validate_pair_file(args.root, f) for f in args.pair_files]
-            for report in reports:
-                print(report.summary())
-            return 0 if all(r.ok for r in reports) else 1
+        with command_line("prepare_datasets.py"):
+            return _run(args)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "synthetic":
+        info = make_synthetic_dataset(
+            args.root, layout=args.layout, n_writers=args.writers, n_genuine=args.genuine,
+            n_forged=args.forged, seed=args.seed, image_size=args.image_size, language=args.language,
+        )
+        print(f"{info['counts']['files']} scans of {len(info['writers'])} writers in {info['root']} "
+              f"({info['layout']}, {info['seconds']} s)")
+    elif args.command in GENERATORS or args.command == "gdps":
+        name = _dataset_name(args.command)
+        options = pair_options_of(args, [name])
+        arguments = _arguments(name, args.val_ratio, args.random_state, options, args.random_forgeries)
+        result = _generate(args.root, arguments, out_dir=args.out_dir)
+        if args.out_dir is None:
+            _record(Path(args.root), arguments, result["files"])
+        _print_generated(result)
+    elif args.command == "sample":
+        counts = sample_pair_file(args.src, args.dst, args.count, random_state=args.seed)
+        print(f"{args.dst}: {counts['dst']['pairs']} pairs ({counts['dst']['genuine']} genuine, "
+              f"{counts['dst']['forgery']} forgery) of {counts['src']['pairs']}")
+    else:
+        reports = []
+        for pair_file in args.pair_files:
+            others = [other for other in args.pair_files if other != pair_file]
+            reports.append(validate_pair_file(args.root, pair_file, other_pair_files=others, with_siblings=True))
+        for report in reports:
+            print(report.summary())
+        return 0 if all(r.ok for r in reports) else 1
     return 0
 
 

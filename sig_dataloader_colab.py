@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,12 @@ from torchvision.transforms import functional as TF
 
 from module.preprocess import BlankScanError, normalize_image
 from module.io import atomic_write
-from module.pair_files import PAIR_FILES, PairFileError, existing_files, read_pair_file, resolve_pair_file
+from module.pair_files import PAIR_FILES, PairFileError, existing_files, read_pair_index, resolve_pair_file
 
 __all__ = [
     "ImageReadError",
     "PairAugmentation",
+    "PairList",
     "SigDataset_BHSig_Colab",
     "SigDataset_CEDAR_Colab",
     "SigDataset_GDPS_Colab",
@@ -54,11 +56,27 @@ class ImageReadError(OSError):
     """An image file exists but cannot be decoded."""
 
 
+def _to_8_bits(values: np.ndarray) -> np.ndarray:
+    """A 16-bit (or 32-bit, or float) grayscale scan as uint8, its lowest value 0 and its highest 255.
+
+    By the values actually used, not by the type's range: a 12-bit scanner's
+    file holds 0..4095, and a cast or PIL's ``convert("L")`` (which clips at
+    255) would make it black, or white paper with no ink.
+    """
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:  # a constant image: the blank-scan check names it later
+        return np.full(values.shape, 255, dtype=np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
 def imread_tool(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as grayscale uint8 [H, W].
 
     Transparent pixels are laid on white paper first (a signature saved with
-    a transparent background would otherwise read as ink on black).
+    a transparent background would otherwise read as ink on black). 16-bit
+    grayscale scans (TIFF or PNG, PIL mode ``I;16``; also ``I`` and ``F``)
+    are scaled to 8 bits by the range of their values (``_to_8_bits``).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -66,6 +84,8 @@ def imread_tool(path: str | os.PathLike) -> np.ndarray:
     """
     try:
         with Image.open(path) as image:
+            if image.mode.startswith(("I", "F")):
+                return _to_8_bits(np.asarray(image))
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             return np.asarray(image.convert("L"), dtype=np.uint8)
@@ -161,6 +181,32 @@ class PairAugmentation:
         return self.geometric(self._jitter(pair))
 
 
+class PairList(Sequence):
+    """A dataset's pairs as ``(reference path, query path, label)`` tuples, made on demand from its arrays.
+
+    Reads like the list of tuples it replaces (indexing, slicing, iteration,
+    ``==`` with a list); 4 M pairs as tuples would take about 300 MB.
+    """
+
+    def __init__(self, image_files: list[str], rows: np.ndarray, labels: np.ndarray) -> None:
+        self._images, self._rows, self._labels = image_files, rows, labels
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        reference, query = self._rows[index]
+        return self._images[reference], self._images[query], int(self._labels[index])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"PairList({len(self)} pairs)"
+
+
 class SignaturePairDataset(Dataset):
     """Pairs of signature scans listed in a pair file, loaded lazily.
 
@@ -180,9 +226,12 @@ class SignaturePairDataset(Dataset):
     Item: (pair float32 [2, S, S] in [0, 1], ink bright on black; reference
     first), label float32 [1, 1] (1 genuine-genuine, 0 genuine-forgery).
 
-    Attributes used by the training fast path: `pairs` (absolute reference
-    path, query path, label), `image_paths()`, `load_image(path)`, `augment`,
-    `image_size`.
+    Attributes: `image_files` (the distinct absolute image paths, sorted),
+    `pair_rows` (int32 [P, 2] rows of each pair's reference and query into
+    `image_files`), `pair_labels` (uint8 [P]), and `pairs`, the same pairs as
+    (absolute reference path, query path, label) tuples made on demand. The
+    training fast path also uses `image_paths()`, `load_image(path)`,
+    `augment`, `image_size` and `mode`.
     """
 
     # Named in the error raised when the pair file is missing.
@@ -213,12 +262,12 @@ class SignaturePairDataset(Dataset):
                 f"pair file {pair_path} not found: make it with {self.pair_file_maker}({str(root)!r}) "
                 f"or `python prepare_datasets.py {self.cli_command} {root}`"
             )
-        parsed = read_pair_file(pair_path)
-        parsed.raise_for_problems()
-        if not parsed.pairs:
+        index = read_pair_index(pair_path)
+        index.raise_for_problems()
+        if not len(index.rows):
             raise PairFileError(f"{pair_path} holds no pairs")
 
-        relative = sorted({p for a, b, _ in parsed.pairs for p in (a, b)})
+        relative = index.images
         missing = sorted(set(relative) - existing_files(root, relative))
         if missing:
             shown = "\n".join(f"  {root / p}" for p in missing[:MISSING_SHOWN])
@@ -227,9 +276,14 @@ class SignaturePairDataset(Dataset):
                 f"Check the dataset root (path={str(root)!r}) or regenerate the pair file; "
                 f"`python prepare_datasets.py validate {root} {pair_path}` lists them all."
             )
-        # One string object per distinct image: 34,080 CEDAR pairs share 1,920 paths.
-        absolute = {p: os.path.abspath(root / p) for p in relative}
-        self.pairs: list[tuple[str, str, int]] = [(absolute[a], absolute[b], label) for a, b, label in parsed.pairs]
+        # Pairs as rows into the distinct images (34,080 CEDAR pairs share 1,920 paths); two spellings of one
+        # file ("a/../b.png", "b.png") become one image.
+        absolute = [os.path.abspath(root / p) for p in relative]
+        self.image_files: list[str] = sorted(set(absolute))
+        row_of = {path: row for row, path in enumerate(self.image_files)}
+        renumber = np.array([row_of[path] for path in absolute], dtype=np.int32)
+        self.pair_rows: np.ndarray = renumber[index.rows]
+        self.pair_labels: np.ndarray = index.labels
         self.root = str(root)
         self.pair_file = str(pair_path)
         self.image_size = int(image_size)
@@ -238,19 +292,24 @@ class SignaturePairDataset(Dataset):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.augmentation = PairAugmentation(self.image_size)
 
+    @property
+    def pairs(self) -> PairList:
+        """``(absolute reference path, query path, label)`` of each pair, made on demand."""
+        return PairList(self.image_files, self.pair_rows, self.pair_labels)
+
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.pair_rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        reference, query, label = self.pairs[index]
-        pair = torch.cat([self.load_image(reference), self.load_image(query)])
+        reference, query = self.pair_rows[index]
+        pair = torch.cat([self.load_image(self.image_files[reference]), self.load_image(self.image_files[query])])
         if self.augment:
             pair = self.augmentation(pair)
-        return pair, torch.tensor([[float(label)]], dtype=torch.float32)
+        return pair, torch.tensor([[float(self.pair_labels[index])]], dtype=torch.float32)
 
     def image_paths(self) -> list[str]:
         """The distinct image paths of all pairs, sorted."""
-        return sorted({p for a, b, _ in self.pairs for p in (a, b)})
+        return list(self.image_files)
 
     def load_image(self, path: str) -> torch.Tensor:
         """One image as the model sees it, without augmentation: float32 [1, S, S] in [0, 1]."""
@@ -281,9 +340,9 @@ class SignaturePairDataset(Dataset):
         return image
 
     def __repr__(self) -> str:
-        genuine = sum(label for _, _, label in self.pairs)
+        genuine = int(self.pair_labels.sum(dtype=np.int64))
         return (
-            f"{type(self).__name__}({len(self.pairs)} pairs: {genuine} genuine, {len(self.pairs) - genuine} forgery; "
+            f"{type(self).__name__}({len(self)} pairs: {genuine} genuine, {len(self) - genuine} forgery; "
             f"pair_file={self.pair_file!r}, image_size={self.image_size}, mode={self.mode!r}, augment={self.augment})"
         )
 

@@ -35,7 +35,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm.auto import tqdm
 
-from module.io import atomic_write_text
+from module.io import atomic_write_text, naming_path
 
 LAYOUTS = ("cedar", "gpds", "bhsig")
 # Written into a corpus's root when it is complete; see ensure_synthetic_dataset.
@@ -358,12 +358,13 @@ def _file_plan(layout: str, writers: list[int], n_genuine: int, n_forged: int, l
 
 def _save(scan: np.ndarray, path: Path) -> None:
     image = Image.fromarray(scan, mode="L")
-    if path.suffix == ".jpg":
-        image.save(path, quality=92)
-    elif path.suffix == ".png":
-        image.save(path, compress_level=1)  # noisy paper barely compresses; level 1 is many times faster
-    else:
-        image.save(path)
+    with naming_path(path):
+        if path.suffix == ".jpg":
+            image.save(path, quality=92)
+        elif path.suffix == ".png":
+            image.save(path, compress_level=1)  # noisy paper barely compresses; level 1 is many times faster
+        else:
+            image.save(path)
 
 
 def make_synthetic_dataset(

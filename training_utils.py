@@ -5,7 +5,7 @@
     data = build_datasets(config)                  # {"train", "val", "test"} from gray_{split}.txt
     model = build_model(config)                    # seeded, pretrained weights, on config's device
     run = prepare_run(model, config)               # freeze, optimizer, schedule; resume when ckpt_dir has a checkpoint
-    fit(run, data["train"], data["val"])           # the one loop; writes epoch_NNNN.pt and best.pt
+    fit(run, data["train"], data["val"])           # the one loop; commits epoch_NNNN.pt, keeps best.pt in step
     metrics = report_run(run, data)                # best model on val and test; history, plots, best_weights.pth
 
 Two paths feed pairs to the model: the fast path (``config.fast_head_only``:
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,32 +49,56 @@ from module.checkpoint import (
     capture_rng_state,
     epoch_checkpoint_path,
     export_state_dict,
-    find_latest_checkpoint,
+    frozen_fingerprint,
     load_checkpoint,
-    prune_checkpoints,
     read_checkpoint,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
-    set_aside_run,
+    trained_state_keys,
 )
 from module.config import FinetuneConfig
-from module.evaluation import evaluate_and_report, validate
+from module.evaluation import evaluate_and_report, evaluate_with_references, explain_worst_errors, starting_model_note, validate
+from module.feature_store import resolve_feature_dtype
 from module.features import (
     CachedPairBatch,
     FeatureCache,
     amp_enabled,
     compute_features,
+    epoch_pair_sample,
     make_pair_loader,
     model_device,
     pair_distances,
+    pair_labels,
 )
-from module.io import atomic_write
 from module.loss import NonFiniteLossError
-from module.metrics import compute_metrics, save_metrics_json
+from module.metrics import compute_metrics, compute_writer_metrics, save_metrics_json
 from module.pair_files import PAIR_FILES
-from module.plots import plot_roc_curve, plot_score_distribution, plot_training_history
+from module.plots import (
+    plot_explanation,
+    plot_roc_curve,
+    plot_score_distribution,
+    plot_training_history,
+    plot_writer_eers,
+)
+from module.run_folder import (
+    BEST_WEIGHTS,
+    RunFolderError,
+    clean_run_folder,
+    commit_epoch,
+    continue_run,
+    find_latest_checkpoint,
+    find_resume_point,
+    lock_run_folder,
+    read_run_checkpoint,
+    rebuild_trained_model,
+    reload_after_interruption,
+    set_aside_run,
+)
 from module.scheduler import GradualWarmupScheduler
+from module.verifier import Decision, Verifier
+from module.wording import option
+from prepare_datasets import pair_file_fix
 from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
 
 __all__ = [
@@ -83,11 +106,14 @@ __all__ = [
     "TrainingRun", "TrainingResult", "prepare_run", "fit", "train_one_epoch", "HISTORY_KEYS",
     "build_model", "build_datasets", "report_run", "train_and_report", "run_status", "load_trained_model", "run_threshold",
     # re-exported, so that notebooks import from one place
-    "FinetuneConfig", "validate", "evaluate_and_report", "NonFiniteLossError",
+    "FinetuneConfig", "validate", "evaluate_and_report", "starting_model_note", "evaluate_with_references",
+    "explain_worst_errors", "NonFiniteLossError", "Verifier", "Decision",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",
-    "compute_metrics", "save_metrics_json", "plot_training_history", "plot_roc_curve", "plot_score_distribution",
+    "compute_metrics", "compute_writer_metrics", "save_metrics_json",
+    "plot_training_history", "plot_roc_curve", "plot_score_distribution", "plot_writer_eers", "plot_explanation",
     "seed_everything", "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint",
-    "find_latest_checkpoint", "epoch_checkpoint_path", "export_state_dict", "CheckpointError",
+    "find_latest_checkpoint", "epoch_checkpoint_path", "export_state_dict", "CheckpointError", "RunFolderError",
+    "lock_run_folder",
     "setup_head_only_finetune", "print_trainable_params", "build_optimizer_for_head_only", "unfreeze_last_blocks",
 ]
 
@@ -147,7 +173,7 @@ HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_eer", "val_auc", "val_ac
 RESUME_MUST_MATCH = (
     "dataset", "image_size", "fast_head_only", "unfreeze_blocks", "epochs", "batch_size", "lr", "lr_blocks",
     "weight_decay", "warmup_epochs", "warmup_multiplier", "amp", "select_metric", "feature_dtype", "seed",
-    "emd", "dis_type", "mar_type", "gol_dis", "temp",
+    "emd", "dis_type", "mar_type", "gol_dis", "temp", "max_train_pairs_per_epoch",
 )
 
 
@@ -173,6 +199,11 @@ class TrainingRun:
         best_epoch: the epoch it came from (0: the model before fine-tuning).
         resumed_from: the checkpoint this run continued from, if any.
         pending_rng_state: RNG states ``fit`` restores before the next epoch (set on resume).
+        frozen_fingerprint: of the weights that do not train (``module.checkpoint.frozen_fingerprint``).
+        best_source: the best epoch's checkpoint, which ``best.pt`` is a copy of.
+        uncommitted_epoch: the epoch in progress while the model, optimizer or history in memory are ahead
+            of the last checkpoint (``None`` between epochs); after an interruption ``fit`` reloads the
+            last checkpoint rather than continue from them.
     """
 
     config: FinetuneConfig
@@ -188,6 +219,9 @@ class TrainingRun:
     best_epoch: int | None = None
     resumed_from: Path | None = None
     pending_rng_state: dict[str, Any] | None = None
+    frozen_fingerprint: str = ""
+    best_source: Path | None = None
+    uncommitted_epoch: int | None = None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -195,7 +229,7 @@ class TrainingRun:
 
     @property
     def best_checkpoint(self) -> Path:
-        """``ckpt_dir/best.pt``: a full checkpoint of the epoch with the best validation metric."""
+        """``ckpt_dir/best.pt``: a copy of the checkpoint of the epoch with the best validation metric."""
         return self.ckpt_dir / BEST_CHECKPOINT
 
     def stop_reason(self) -> str | None:
@@ -214,6 +248,7 @@ class TrainingRun:
             path, model=self.model, epoch=self.epoch, config=self.config, history=self.history,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
             best_metric=self.best_metric, best_epoch=self.best_epoch, data_generator=self.data_generator,
+            fingerprint=self.frozen_fingerprint or None,
         )
 
 
@@ -224,14 +259,19 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
     (AdamW, peak ``config.lr``), plus the last ``config.unfreeze_blocks``
     backbone blocks (peak ``config.lr_blocks``); the frozen part stays in eval
     mode. The schedule is ``GradualWarmupScheduler`` then
-    ``CosineAnnealingLR`` (see ``FinetuneConfig``). With ``resume`` and a
-    readable checkpoint (corrupt ones are skipped with a warning), weights,
-    optimizer, schedule, history, best metric and RNG states continue from
-    it; without ``resume``, an earlier run's checkpoints in the folder are
+    ``CosineAnnealingLR`` (see ``FinetuneConfig``). Holding the run folder's
+    lock, it removes what interrupted writes left there; then, with
+    ``resume`` and a checkpoint that verifies (damaged ones are skipped with
+    a warning, see ``module/run_folder.py``), the trained weights, optimizer,
+    schedule, history, best metric and RNG states continue from it and
+    ``best.pt`` is made again if it is missing, stale or damaged; without
+    ``resume``, an earlier run's checkpoints and report in the folder are
     moved into a ``previous-<date>`` sub-folder first, never overwritten.
 
     Raises:
-        ValueError: the checkpoint was written under different settings (see ``RESUME_MUST_MATCH``).
+        RunFolderError: the checkpoint was written under different settings (see ``RESUME_MUST_MATCH``),
+            was trained on other frozen weights, or the folder holds checkpoints none of which can be used.
+        RunFolderInUse: another process holds the run folder.
     """
     device = config.resolved_device()
     model.to(device)
@@ -245,44 +285,24 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
     scheduler = GradualWarmupScheduler(optimizer, config.warmup_multiplier, config.warmup_epochs, after_scheduler=cosine)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_enabled(config.amp, device))
     run = TrainingRun(config, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(config.seed), device)
+    run.frozen_fingerprint = frozen_fingerprint(model, trained_state_keys(model))
 
-    if not resume:
-        archive = set_aside_run(config.ckpt_dir)
-        if archive is not None:
-            _log(f"resume=False: the earlier run's checkpoints were moved to {archive}")
-    latest = find_latest_checkpoint(config.ckpt_dir) if resume else None
-    if latest is None:
-        _log(f"new run: checkpoints go to {run.ckpt_dir}")
-        return run
-    checkpoint = read_checkpoint(latest)
-    current = config.to_dict()
-    differences = [f"{key}: checkpoint {checkpoint['config'].get(key)!r}, now {current[key]!r}"
-                   for key in RESUME_MUST_MATCH if checkpoint["config"].get(key) != current[key]]
-    if differences:
-        raise ValueError(
-            f"{latest} was written with other settings, so it cannot continue under these:\n  "
-            + "\n  ".join(differences)
-            + "\nUse the checkpoint's settings to resume, or start a new run (another run folder, or start over "
-              "with resume=False; on the command line --no-resume)."
-        )
-    apply_checkpoint(checkpoint, latest, model, optimizer, scheduler, scaler)
-    run.epoch = checkpoint["epoch"]
-    run.history = {key: list(values) for key, values in checkpoint["history"].items()}
-    run.best_metric = checkpoint["best_metric"]
-    run.best_epoch = checkpoint["best_epoch"]
-    run.resumed_from = latest
-    run.pending_rng_state = checkpoint["rng_state"]
-    _log(f"resumed from {latest} after epoch {run.epoch} of {config.epochs} "
+    with lock_run_folder(config.ckpt_dir):
+        clean_run_folder(config.ckpt_dir)
+        if not resume:
+            archive = set_aside_run(config.ckpt_dir)
+            if archive is not None:
+                _log(f"resume=False: the earlier run's checkpoints and report were moved to {archive}")
+        point = find_resume_point(config.ckpt_dir) if resume else None
+        if point is None:
+            _log(f"new run: checkpoints go to {run.ckpt_dir}")
+            return run
+        if config.feature_dtype == "auto":  # a resumed run keeps the dtype its checkpoints settled on
+            run.config = config = dataclasses.replace(config, feature_dtype=point.checkpoint["config"]["feature_dtype"])
+        continue_run(run, point, RESUME_MUST_MATCH)
+    _log(f"resumed from {point.path} after epoch {run.epoch} of {config.epochs} "
          f"(best validation {_format_metric(config.select_metric, run.best_metric)} at epoch {run.best_epoch})")
     return run
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    def write(file: Any) -> None:
-        with open(source, "rb") as original:
-            shutil.copyfileobj(original, file, length=16 * 2**20)
-
-    atomic_write(target, write)
 
 
 def _record(run: TrainingRun, epoch: int, train_loss: float | None, lr: float | None,
@@ -311,13 +331,16 @@ def fit(
 
     Each epoch: train (fast path on cached features, or per-pair path with
     the dataset's augmentation), validate (each distinct validation image
-    embedded once), step the schedule, record the history, write
-    ``epoch_NNNN.pt`` (the newest ``keep_last`` are kept) and, on a new best
-    validation metric, ``best.pt``. Before the first epoch of a new run the
-    untrained model is validated (history entry 0, also a candidate for
-    ``best.pt``) and saved as ``epoch_0000.pt``. Interrupting loses at most
-    the current epoch; calling ``prepare_run`` and ``fit`` again continues
-    exactly where the last checkpoint left off.
+    embedded once), step the schedule, record the history, then commit:
+    write ``epoch_NNNN.pt`` and make ``best.pt`` a copy of the best epoch's
+    checkpoint (the newest ``keep_last`` and the best one are kept). Before
+    the first epoch of a new run the untrained model is validated (history
+    entry 0, also a candidate for ``best.pt``) and saved as
+    ``epoch_0000.pt``. The run folder's lock is held throughout.
+    Interrupting (Ctrl-C, Colab's stop button, ``kill -9``) loses at most
+    the current epoch: calling ``fit`` again with the same run reloads the
+    last checkpoint first (the model in memory is half-trained), and so does
+    ``prepare_run``; either continues exactly where it left off.
 
     Args:
         run: from ``prepare_run``.
@@ -327,7 +350,15 @@ def fit(
     Raises:
         NonFiniteLossError: a NaN or infinite loss; the message names the last good checkpoint.
     """
+    with lock_run_folder(run.ckpt_dir):
+        return _fit_holding_the_lock(run, train_set, val_set, progress, on_epoch_end)
+
+
+def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progress: bool,
+                          on_epoch_end: Callable[[TrainingRun, dict[str, Any]], None] | None) -> TrainingRun:
     config, model, device = run.config, run.model, run.device
+    if run.uncommitted_epoch is not None:
+        reload_after_interruption(run, RESUME_MUST_MATCH)
     done = run.stop_reason()
     if done is not None:
         _log(f"nothing to train: {done}")
@@ -335,9 +366,13 @@ def fit(
     backbone_frozen = not any(parameter.requires_grad for parameter in model.model.parameters())
     if config.fast_head_only and not backbone_frozen:
         raise ValueError("fast_head_only needs a frozen backbone; build the run with prepare_run(model, config)")
-    feature_options = dict(batch_size=config.eval_batch_size, device=device, dtype=config.feature_dtype,
-                           feature_dir=config.feature_dir, amp=config.amp, num_workers=config.num_workers,
-                           progress=progress)
+    # A frozen backbone's features go to the feature store (kept across resumes); a training one's change every epoch.
+    embedded = [train_set, val_set] if config.fast_head_only else [val_set]
+    n_images = len({path for data in embedded for path in data.image_paths()}) if config.feature_dtype == "auto" else 0
+    feature_options = dict(batch_size=config.eval_batch_size, device=device, amp=config.amp,
+                           dtype=resolve_feature_dtype(config.feature_dtype, n_images, config.image_size, _log),
+                           feature_dir=config.feature_store_dir() if backbone_frozen else "",
+                           num_workers=config.num_workers, progress=progress)
     if config.fast_head_only:
         if getattr(train_set, "augment", False):
             _log("fast path: training on cached features of the un-augmented images "
@@ -345,8 +380,13 @@ def fit(
         train_data = compute_features(model, train_set, desc="training set: embedding images", **feature_options)
     else:
         train_data = train_set
-    train_loader = make_pair_loader(train_data, config.batch_size, shuffle=True, generator=run.data_generator,
-                                    num_workers=config.num_workers, pin_memory=device.type == "cuda")
+
+    def train_loader(epoch: int) -> Iterable[Any]:
+        sample = epoch_pair_sample(pair_labels(train_data), config.max_train_pairs_per_epoch, config.seed, epoch) \
+            if config.max_train_pairs_per_epoch else None
+        return make_pair_loader(train_data, config.batch_size, shuffle=True, generator=run.data_generator,
+                                num_workers=config.num_workers, pin_memory=device.type == "cuda", pairs=sample)
+
     # A frozen backbone gives the same validation features every epoch: embed them once.
     val_cache = compute_features(model, val_set, desc="validation set: embedding images", **feature_options) \
         if backbone_frozen else None
@@ -354,11 +394,10 @@ def fit(
     def run_validation() -> dict[str, Any]:
         data = val_cache if val_cache is not None else val_set
         return validate(model, data, device=device, batch_size=config.eval_batch_size, amp=config.amp,
-                        feature_dtype=config.feature_dtype, feature_dir=config.feature_dir,
-                        num_workers=config.num_workers, progress=progress)[1]
+                        feature_dtype=feature_options["dtype"], num_workers=config.num_workers, progress=progress)[1]
 
-    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
     if run.epoch == 0 and not run.history.get("epoch"):
+        run.uncommitted_epoch = 0
         start = time.perf_counter()
         metrics = run_validation()
         _record(run, 0, None, None, metrics, time.perf_counter() - start)
@@ -366,7 +405,7 @@ def fit(
         # pins the starting weights, whatever happens to the model object in memory afterwards.
         seed_everything(config.seed)
         run.data_generator.manual_seed(config.seed)
-        _copy_atomically(run.save(epoch_checkpoint_path(run.ckpt_dir, 0)), run.best_checkpoint)
+        commit_epoch(run, improved=True)
         _log(f"before fine-tuning: val loss {metrics['loss']:.4f}  {_format_metric('eer', metrics['eer'])}  "
              f"AUC {metrics['auc']:.4f}")
     elif run.pending_rng_state is not None:
@@ -379,8 +418,9 @@ def fit(
             epoch = run.epoch + 1
             start = time.perf_counter()
             lr = run.optimizer.param_groups[0]["lr"]
+            run.uncommitted_epoch = epoch
             try:
-                train_loss = train_one_epoch(model, train_loader, run.optimizer, device=device, scaler=run.scaler,
+                train_loss = train_one_epoch(model, train_loader(epoch), run.optimizer, device=device, scaler=run.scaler,
                                              amp=config.amp, epoch=epoch, progress=progress)
                 metrics = run_validation()
             except NonFiniteLossError as error:
@@ -392,10 +432,7 @@ def fit(
             run.scheduler.step()
             run.epoch = epoch
             improved = _record(run, epoch, train_loss, lr, metrics, time.perf_counter() - start)
-            path = run.save(epoch_checkpoint_path(run.ckpt_dir, epoch))
-            if improved:
-                _copy_atomically(path, run.best_checkpoint)
-            prune_checkpoints(run.ckpt_dir, config.keep_last)
+            commit_epoch(run, improved)
             _log(f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f}  val loss {metrics['loss']:.4f}  "
                  f"{_format_metric('eer', metrics['eer'])}  AUC {metrics['auc']:.4f}  lr {lr:.2e}  "
                  f"{run.history['seconds'][-1]:6.1f} s" + ("  * best" if improved else ""))
@@ -403,7 +440,7 @@ def fit(
                 on_epoch_end(run, metrics)
     except KeyboardInterrupt:
         _log(f"interrupted during epoch {epoch}; the last checkpoint holds epoch {run.epoch}: "
-             "run prepare_run and fit again to continue from it")
+             "run fit (or train_and_report) again to continue from it")
         raise
     _log(f"{run.stop_reason()}; best validation {_format_metric(config.select_metric, run.best_metric)} "
          f"at epoch {run.best_epoch} ({run.best_checkpoint})")
@@ -441,9 +478,13 @@ def build_datasets(config: FinetuneConfig, splits: Sequence[str] = ("train", "va
     unknown = [split for split in splits if split not in PAIR_FILES]
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}: choose from {', '.join(PAIR_FILES)}")
+    missing = [split for split in splits if not (Path(config.data_root) / PAIR_FILES[split]).is_file()]
+    if missing and Path(config.data_root).is_dir():
+        raise FileNotFoundError(f"{', '.join(PAIR_FILES[split] for split in missing)} not found in {config.data_root}. "
+                                f"Fix: {pair_file_fix(config.dataset, config.data_root, missing)}")
     return {
         split: dataset_class(None, config.data_root, train=split == "train", image_size=config.image_size,
-                             pair_file=PAIR_FILES[split], augment=split == "train")
+                             pair_file=PAIR_FILES[split], augment=split == "train", cache_dir=config.cache_dir or None)
         for split in splits
     }
 
@@ -453,15 +494,19 @@ def report_run(run: TrainingRun, datasets: Mapping[str, Any], progress: bool = T
 
     Evaluates the validation and test splits (``{split}_metrics.json`` and
     plots, see ``evaluate_and_report``), and writes ``history.json``,
-    ``history.png`` and ``best_weights.pth`` (a plain state dict that
-    ``model_v3.load_pretrained`` reads).
+    ``history.png`` and ``best_weights.pth`` (the whole model, a plain state
+    dict that ``model_v3.load_pretrained`` reads). Every file is derived from
+    ``best.pt`` and the history, and rewritten each time, under the run
+    folder's lock.
     """
-    load_checkpoint(run.best_checkpoint, model=run.model)
-    metrics = {split: evaluate_and_report(run.model, datasets[split], run.ckpt_dir, split, run.config, progress)
-               for split in EVALUATED_SPLITS}
-    save_metrics_json(run.history, run.ckpt_dir / "history.json")
-    plot_training_history(run.history, run.ckpt_dir / "history.png")
-    export_state_dict(run.best_checkpoint, run.ckpt_dir / "best_weights.pth")
+    with lock_run_folder(run.ckpt_dir):
+        apply_checkpoint(read_checkpoint(run.best_checkpoint), run.best_checkpoint, run.model,
+                         fingerprint=run.frozen_fingerprint or None)
+        metrics = {split: evaluate_and_report(run.model, datasets[split], run.ckpt_dir, split, run.config, progress)
+                   for split in EVALUATED_SPLITS}
+        save_metrics_json(run.history, run.ckpt_dir / "history.json")
+        plot_training_history(run.history, run.ckpt_dir / "history.png")
+        export_state_dict(run.best_checkpoint, run.ckpt_dir / BEST_WEIGHTS, model=run.model)
     return metrics
 
 
@@ -492,20 +537,38 @@ def train_and_report(
 ) -> TrainingResult:
     """The whole pipeline, as the notebook and ``finetune.py train`` run it: build, resume, fit, evaluate, export.
 
+    Says when the backbone is fresh, and writes ``test_before_metrics.json``
+    (the starting model on the test split) unless resuming a run that has it.
+    ``feature_dtype="auto"`` is settled here once for the run (the resumed
+    checkpoints' choice, else by the features' size).
+
     Args:
         config: the run's settings; ``config.ckpt_dir`` is the run folder.
         resume: continue from the newest valid checkpoint in the run folder
-            (always from the file, whatever ``model`` holds in memory);
-            ``False`` sets an earlier run aside and starts over.
+            (always from the file, whatever ``model`` holds in memory: after
+            an interrupted call, calling again with the same ``model`` gives
+            the result of an uninterrupted run); ``False`` sets an earlier
+            run aside and starts over.
         model: a model from ``build_model(config)`` to train (built when ``None``).
         datasets: ``build_datasets(config)``'s splits (built when ``None``).
     """
-    config.resolved_device()  # a device this machine lacks is reported before any work
-    datasets = datasets if datasets is not None else build_datasets(config)
-    model = model if model is not None else build_model(config)
-    run = prepare_run(model, config, resume=resume)
-    fit(run, datasets["train"], datasets["val"], progress=progress)
-    return TrainingResult(run, report_run(run, datasets, progress))
+    config.resolved_device()  # a device this machine lacks, or a run folder in use, is reported before any work
+    with lock_run_folder(config.ckpt_dir):
+        datasets = datasets if datasets is not None else build_datasets(config)
+        if not config.pretrained:
+            _log(f"the backbone is fresh (no {option('pretrained')} weights): its features say little about a writer, "
+                 "so fine-tuning the head has little to work with; the authors' weights give it real structure")
+        model = model if model is not None else build_model(config)
+        if not (resume and (Path(config.ckpt_dir) / "test_before_metrics.json").is_file()):
+            # The starting model on the test split, rebuilt as the run starts (the model given may have trained since).
+            evaluate_and_report(build_model(config), datasets["test"], config.ckpt_dir, "test_before", config, progress)
+        run = prepare_run(model, config, resume=resume)
+        if run.config.feature_dtype == "auto":  # settled once, for the whole run, by the size of its images
+            images = len({path for split in datasets.values() for path in split.image_paths()})
+            run.config = dataclasses.replace(run.config, feature_dtype=resolve_feature_dtype(
+                "auto", images, config.image_size, _log))
+        fit(run, datasets["train"], datasets["val"], progress=progress)
+        return TrainingResult(run, report_run(run, datasets, progress))
 
 
 def run_status(ckpt_dir: str | Path) -> str:
@@ -530,16 +593,29 @@ def _best_checkpoint_of(run: str | Path) -> Path:
 
 
 def load_trained_model(run: str | Path) -> tuple[FinetuneConfig, ViT_for_OSV_DSNet]:
-    """A trained run's settings and best model (eval mode, on the run's device), from its checkpoint alone.
+    """A trained run's settings and best model (eval mode, on the run's device), from its run folder alone.
 
     ``run`` is a run folder (its ``best.pt`` is read) or a checkpoint file;
     the returned ``config.ckpt_dir`` is the folder it is in now (a run folder
-    may have been copied off Drive since it was trained).
+    may have been copied off Drive since it was trained). A checkpoint holds
+    only what trained; the frozen weights come from ``best_weights.pth``
+    beside it (the whole best model, so a copied run folder is
+    self-contained), else from the run's pretrained weights or its seeded
+    fresh backbone, whichever has the checkpoint's fingerprint.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged (the message says how to make ``best.pt`` again),
+            unreadable, or its frozen weights are found nowhere (``RunFolderError``).
     """
-    checkpoint = _best_checkpoint_of(run)
-    config = FinetuneConfig.from_dict(read_checkpoint(checkpoint)["config"])
-    config = dataclasses.replace(config, ckpt_dir=str(checkpoint.parent.absolute()))
-    return config, build_model(config, checkpoint).eval()
+    checkpoint_path = _best_checkpoint_of(run)
+    checkpoint = read_run_checkpoint(checkpoint_path)
+    config = FinetuneConfig.from_dict(checkpoint["config"])
+    config = dataclasses.replace(config, ckpt_dir=str(checkpoint_path.parent.absolute()))
+    best_weights = checkpoint_path.parent / BEST_WEIGHTS
+    base = f"the run's pretrained weights {config.pretrained}" if config.pretrained else \
+        f"a fresh backbone seeded with {config.seed}"
+    base_weights = [(str(best_weights), lambda: build_model(config, best_weights)), (base, lambda: build_model(config))]
+    return config, rebuild_trained_model(checkpoint, checkpoint_path, base_weights).eval()
 
 
 def run_threshold(run: str | Path) -> tuple[float, str]:

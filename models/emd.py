@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pairwise_cost", "sinkhorn_emd"]
+__all__ = ["pairwise_cost", "sinkhorn_emd", "sinkhorn_plan"]
 
 # Finite stand-in for log(0) on padded entries: -inf would make logsumexp's
 # gradient NaN on an all-padded row even where `torch.where` discards it.
@@ -31,7 +31,7 @@ def pairwise_cost(query: torch.Tensor, reference: torch.Tensor, dis_type: str) -
     raise ValueError(f"dis_type must be 'cos' or 'l2', got {dis_type!r}")
 
 
-def sinkhorn_emd(
+def sinkhorn_plan(
     cost: torch.Tensor,
     row_valid: torch.Tensor,
     col_valid: torch.Tensor,
@@ -39,7 +39,7 @@ def sinkhorn_emd(
     max_iter: int = 100,
     stop_threshold: float = 1e-2,
 ) -> torch.Tensor:
-    """Entropic EMD with uniform marginals over the valid entries, per pair.
+    """Entropic transport plan with uniform marginals over the valid entries, per pair.
 
     Args:
         cost: ``[B, S2, S1]`` cost between query rows and reference columns.
@@ -50,35 +50,62 @@ def sinkhorn_emd(
         stop_threshold: a pair stops once ``sum |u - u_old| <`` this.
 
     Returns:
-        ``[B]`` distances ``sum(P * C)`` in ``cost``'s dtype; 0 for a pair with
-        an empty row or column set. Gradients flow through every iteration.
+        ``[B, S2, S1]`` float64 plan ``P``: the mass moved from each query
+        token to each reference token, exactly 0 on invalid entries. The last
+        half-step balances the columns (each valid one sums to
+        ``1 / S1_valid``); the rows only as far as the iterations got (at the
+        evaluation epsilon they stop early, and a row may hold 0.5 to 1.5
+        times its ``1 / S2_valid``). Gradients flow through every iteration.
     """
-    out_dtype = cost.dtype
     with torch.autocast(device_type=cost.device.type, enabled=False):
-        cost = cost.double()
-        valid = row_valid[:, :, None] & col_valid[:, None, :]
-        n_rows = row_valid.sum(1, keepdim=True).clamp_min(1).double()
-        n_cols = col_valid.sum(1, keepdim=True).clamp_min(1).double()
-        log_mu = torch.log(row_valid.double() / n_rows + 1e-8)
-        log_nu = torch.log(col_valid.double() / n_cols + 1e-8)
-        nonempty = row_valid.any(1) & col_valid.any(1)
+        return _plan(cost.double(), row_valid, col_valid, eps, max_iter, stop_threshold)
 
-        # Potentials in units of eps (a = u / eps, b = v / eps): the spec's update
-        # u <- eps * (log mu - logsumexp((-C + u + v) / eps)) + u simplifies to
-        # a <- log mu - logsumexp(-C / eps + b), which needs one pass per half-step.
-        scaled_cost = (-cost / eps).masked_fill(~valid, _LOG_ZERO)
-        a = torch.zeros_like(log_mu)
-        b = torch.zeros_like(log_nu)
-        active = nonempty.clone()
-        for _ in range(max_iter):
-            if not active.any():
-                break
-            a_old = a
-            a = torch.where(active[:, None] & row_valid, log_mu - torch.logsumexp(scaled_cost + b[:, None, :], dim=2), a)
-            b = torch.where(active[:, None] & col_valid, log_nu - torch.logsumexp(scaled_cost + a[:, :, None], dim=1), b)
-            error = eps * (a - a_old).abs().sum(1)
-            active = active & (error >= stop_threshold)
-        plan = torch.exp(scaled_cost + a[:, :, None] + b[:, None, :])
-        distance = (plan * cost).sum(dim=(1, 2))
+
+def _plan(cost: torch.Tensor, row_valid: torch.Tensor, col_valid: torch.Tensor, eps: float, max_iter: int,
+          stop_threshold: float) -> torch.Tensor:
+    """``sinkhorn_plan`` of a float64 ``cost``, outside autocast."""
+    valid = row_valid[:, :, None] & col_valid[:, None, :]
+    n_rows = row_valid.sum(1, keepdim=True).clamp_min(1).double()
+    n_cols = col_valid.sum(1, keepdim=True).clamp_min(1).double()
+    log_mu = torch.log(row_valid.double() / n_rows + 1e-8)
+    log_nu = torch.log(col_valid.double() / n_cols + 1e-8)
+    nonempty = row_valid.any(1) & col_valid.any(1)
+
+    # Potentials in units of eps (a = u / eps, b = v / eps): the spec's update
+    # u <- eps * (log mu - logsumexp((-C + u + v) / eps)) + u simplifies to
+    # a <- log mu - logsumexp(-C / eps + b), which needs one pass per half-step.
+    scaled_cost = (-cost / eps).masked_fill(~valid, _LOG_ZERO)
+    a = torch.zeros_like(log_mu)
+    b = torch.zeros_like(log_nu)
+    active = nonempty.clone()
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        a_old = a
+        a = torch.where(active[:, None] & row_valid, log_mu - torch.logsumexp(scaled_cost + b[:, None, :], dim=2), a)
+        b = torch.where(active[:, None] & col_valid, log_nu - torch.logsumexp(scaled_cost + a[:, :, None], dim=1), b)
+        error = eps * (a - a_old).abs().sum(1)
+        active = active & (error >= stop_threshold)
+    return torch.exp(scaled_cost + a[:, :, None] + b[:, None, :])
+
+
+def sinkhorn_emd(
+    cost: torch.Tensor,
+    row_valid: torch.Tensor,
+    col_valid: torch.Tensor,
+    eps: float,
+    max_iter: int = 100,
+    stop_threshold: float = 1e-2,
+) -> torch.Tensor:
+    """Entropic EMD ``sum(P * C)`` with ``P`` from ``sinkhorn_plan`` (same arguments), per pair.
+
+    Returns:
+        ``[B]`` distances in ``cost``'s dtype; 0 for a pair with an empty row
+        or column set. Gradients flow through every iteration.
+    """
+    with torch.autocast(device_type=cost.device.type, enabled=False):
+        cost64 = cost.double()
+        distance = (_plan(cost64, row_valid, col_valid, eps, max_iter, stop_threshold) * cost64).sum(dim=(1, 2))
+        nonempty = row_valid.any(1) & col_valid.any(1)
         distance = torch.where(nonempty, distance, torch.zeros_like(distance))
-    return distance.to(out_dtype)
+    return distance.to(cost.dtype)

@@ -8,6 +8,7 @@ it as a plain dict, so a run can be rebuilt from its checkpoint alone.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class FinetuneConfig:
     ckpt_dir: str = _setting("checkpoints", "run folder: epoch_NNNN.pt, best.pt, metrics, plots (on Google Drive in Colab)")
     image_size: int = _setting(224, "model input side in pixels, a multiple of 32 (224 for the authors' weights)")
     num_workers: int = _setting(0, "image-loading worker processes (2 helps on a GPU machine)")
+    cache_dir: str = _setting("", "folder of preprocessed images, reused while a scan is unchanged (empty: none); "
+                                  "saves the preprocessing on the per-pair path and when features are embedded")
     # what trains
     fast_head_only: bool = _setting(True, "embed each image once and train head_str on the cached features (no "
                                           "augmentation); off: every pair through the backbone each epoch, augmented")
@@ -55,6 +58,9 @@ class FinetuneConfig:
     # optimisation (AdamW; learning rates per epoch, see the class docstring)
     epochs: int = _setting(10, "epochs to train")
     batch_size: int = _setting(32, "training pairs per optimizer step")
+    max_train_pairs_per_epoch: int = _setting(0, "train each epoch on a fresh sample of at most this many training "
+                                                 "pairs, with the genuine/forgery ratio of all of them (seeded, the "
+                                                 "same after a resume); 0: every pair, every epoch")
     lr: float = _setting(4e-4, "peak learning rate of head_str (the warm-up climbs to it)")
     lr_blocks: float = _setting(4e-5, "peak learning rate of the unfrozen backbone blocks")
     weight_decay: float = _setting(1e-4, "AdamW weight decay (biases and 1-D parameters get none)")
@@ -65,13 +71,15 @@ class FinetuneConfig:
     select_metric: str = _setting("eer", "validation figure that picks the best epoch (lower is better)", ("eer", "loss"))
     patience: int = _setting(5, "stop after this many epochs without a better validation figure")
     min_improvement: float = _setting(0.01, "relative: a new best must be below best * (1 - min_improvement)")
-    # feature cache (fast path and evaluation)
-    feature_dtype: str = _setting("float32", "dtype of cached backbone features (float16: half the memory, "
-                                             "distances within ~1e-2)", ("float32", "float16"))
-    feature_dir: str = _setting("", "folder for memory-mapped features (empty: in RAM)")
+    # feature store (fast path and evaluation)
+    feature_dtype: str = _setting("auto", "dtype of stored backbone features: auto (float32, or float16 when float32 "
+                                          "features would take more than two fifths of the RAM available), float32, "
+                                          "or float16 (half the memory, distances within ~1e-2)", ("auto", "float32", "float16"))
+    feature_dir: str = _setting("", "folder of the feature store, which keeps each image's backbone features across "
+                                    "re-runs, resumes and disconnects (empty: features/ in the run folder)")
     eval_batch_size: int = _setting(64, "images per backbone pass and pairs per evaluation batch")
     # checkpoints and reproducibility
-    keep_last: int = _setting(2, "epoch checkpoints kept besides best.pt")
+    keep_last: int = _setting(2, "newest epoch checkpoints kept, besides the best epoch's (best.pt is its copy)")
     seed: int = _setting(42, "seed of the weights' initialisation, the pair order and the augmentation")
     device: str = _setting("auto", "auto (CUDA when available), cpu or cuda[:n]")
     # model options, read by ViT_for_OSV_DSNet (spec section 1)
@@ -103,6 +111,8 @@ class FinetuneConfig:
             problems.append(f"patience must be >= 1, got {self.patience}")
         if not 0 <= self.min_improvement < 1:
             problems.append(f"min_improvement is relative and must be in [0, 1), got {self.min_improvement}")
+        if self.max_train_pairs_per_epoch < 0:
+            problems.append(f"max_train_pairs_per_epoch must be >= 0 (0: every pair), got {self.max_train_pairs_per_epoch}")
         if self.keep_last < 1:
             problems.append(f"keep_last must be >= 1, got {self.keep_last}")
         if self.num_workers < 0:
@@ -155,6 +165,10 @@ class FinetuneConfig:
         """``{field name: its type}`` (``str``, ``int``, ``float`` or ``bool``), for parsers."""
         hints = typing.get_type_hints(cls)
         return {setting.name: hints[setting.name] for setting in dataclasses.fields(cls)}
+
+    def feature_store_dir(self) -> str:
+        """The feature store's folder: ``feature_dir``, or ``features/`` in the run folder."""
+        return self.feature_dir or os.path.join(self.ckpt_dir, "features")
 
     def resolved_device(self) -> torch.device:
         """``device`` with ``auto`` resolved to CUDA when available, else CPU.

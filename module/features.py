@@ -1,33 +1,43 @@
-"""The fast path's feature cache: each distinct image through the frozen backbone once, pairs as rows into it.
+"""The fast path's features: each distinct image through the frozen backbone once, pairs as rows into them.
 
 With the backbone frozen and no augmentation, ``model.embed`` of an image
 never changes, so ``compute_features`` embeds every distinct image of a pair
-dataset once, and each epoch runs only ``model.compare`` on the cached
+dataset once (or finds it in the persistent feature store,
+module/feature_store.py), and each epoch runs only ``model.compare`` on the
 features. ``make_pair_loader`` builds the loader of either path: over a
 ``FeatureCache`` (batches of ``CachedPairBatch``) or over a pair dataset
-(batches of images, two backbone passes a pair).
+(batches of images, two backbone passes a pair); ``epoch_pair_sample``
+draws an epoch's share of the pairs when an epoch over all of them is too long.
 """
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
-import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
 from tqdm.auto import tqdm
 
 from model_v3 import TokenFeatures
+from module.feature_store import (
+    CHUNK_BYTES,
+    RAM_SHARE,
+    ChunkedTokens,
+    FeatureStore,
+    available_memory,
+    feature_bytes,
+    format_size,
+    gather,
+    resolve_feature_dtype,
+)
 
 __all__ = [
-    "CachedPairBatch", "FeatureCache", "amp_enabled", "compute_features", "make_pair_loader", "model_device",
-    "pair_distances",
+    "CachedPairBatch", "FeatureCache", "amp_enabled", "compute_features", "epoch_pair_sample", "make_pair_loader",
+    "model_device", "pair_distances", "pair_labels",
 ]
 
 
@@ -69,20 +79,25 @@ class FeatureCache(Dataset):
 
     Attributes:
         paths: the ``M`` distinct image paths, sorted.
-        tokens: ``[M, N, 384]`` float32 or float16 stage-4 tokens (a tensor in
-            RAM, or a read-only NumPy memory map on disk).
+        tokens: ``[M, N, 384]`` float32 or float16 stage-4 tokens: a tensor in
+            RAM, or ``ChunkedTokens`` reading the feature store's memory-mapped files.
         kept: ``[M, N]`` bool ink masks.
-        pair_rows: ``[P, 2]`` int64 rows of (reference, query) for each pair.
+        pair_rows: ``[P, 2]`` int32 rows of (reference, query) for each pair.
         labels: ``[P, 1]`` float32.
+        embedded: how many images went through the backbone to build it (the
+            others came from the feature store).
+        location: the feature store's folder, or None when nothing is stored.
     """
 
-    def __init__(self, paths: list[str], tokens: torch.Tensor | np.ndarray, kept: torch.Tensor,
-                 pair_rows: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, paths: list[str], tokens: torch.Tensor | ChunkedTokens, kept: torch.Tensor,
+                 pair_rows: torch.Tensor, labels: torch.Tensor, embedded: int = 0, location: Path | None = None) -> None:
         self.paths = paths
         self.tokens = tokens
         self.kept = kept
         self.pair_rows = pair_rows
         self.labels = labels
+        self.embedded = embedded
+        self.location = location
 
     def __len__(self) -> int:
         return len(self.pair_rows)
@@ -91,11 +106,11 @@ class FeatureCache(Dataset):
         return index
 
     def features(self, rows: torch.Tensor) -> TokenFeatures:
-        """The cached features of image ``rows`` (``[B]`` int64), on the CPU."""
+        """The cached features of image ``rows`` (``[B]`` integers), on the CPU."""
         if isinstance(self.tokens, torch.Tensor):
             tokens = self.tokens[rows]
         else:
-            tokens = torch.from_numpy(np.ascontiguousarray(self.tokens[rows.numpy()]))
+            tokens = torch.from_numpy(self.tokens[rows.numpy()])
         return TokenFeatures(tokens, self.kept[rows])
 
     def collate(self, pair_indices: Sequence[int]) -> CachedPairBatch:
@@ -105,7 +120,7 @@ class FeatureCache(Dataset):
         return CachedPairBatch(self.features(rows[:, 0]), self.features(rows[:, 1]), self.labels[index])
 
     def __repr__(self) -> str:
-        storage = "RAM" if isinstance(self.tokens, torch.Tensor) else f"disk ({getattr(self.tokens, 'filename', '?')})"
+        storage = "RAM" if isinstance(self.tokens, torch.Tensor) else f"memory-mapped files in {self.location}"
         return (f"FeatureCache({len(self.paths)} images, {len(self)} pairs, tokens {list(self.tokens.shape)} "
                 f"{self.tokens.dtype} in {storage})")
 
@@ -118,13 +133,58 @@ def model_device(model: nn.Module) -> torch.device:
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     resolved = {"float32": torch.float32, "float16": torch.float16}.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in (torch.float32, torch.float16):
-        raise ValueError(f"feature dtype must be float32 or float16, got {dtype!r}")
+        raise ValueError(f"feature dtype must be float32, float16 or auto, got {dtype!r}")
     return resolved
 
 
 def amp_enabled(amp: bool, device: torch.device) -> bool:
     """Whether ``amp`` takes effect on ``device``: mixed precision is for CUDA, on the CPU it only slows the backbone."""
     return amp and device.type == "cuda"
+
+
+def pair_labels(data: Any) -> np.ndarray:
+    """``[P]`` labels of a ``FeatureCache`` or a pair dataset, 1 genuine-genuine, 0 genuine-forged."""
+    if isinstance(data, FeatureCache):
+        return data.labels.reshape(-1).numpy()
+    if hasattr(data, "pair_labels"):
+        return np.asarray(data.pair_labels)
+    return np.fromiter((label for *_, label in data.pairs), dtype=np.float32, count=len(data.pairs))
+
+
+def _pair_arrays(dataset: Any, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pair_rows [P, 2]`` int32 into ``paths`` and ``labels [P, 1]`` float32, from the dataset's arrays when it has them."""
+    if hasattr(dataset, "pair_rows") and getattr(dataset, "image_files", None) == paths:
+        rows = np.asarray(dataset.pair_rows, dtype=np.int32)
+    else:
+        row_of = {path: row for row, path in enumerate(paths)}
+        try:
+            rows = np.fromiter((row_of[path] for reference, query, _ in dataset.pairs for path in (reference, query)),
+                               dtype=np.int32, count=2 * len(dataset.pairs)).reshape(-1, 2)
+        except KeyError as error:
+            raise ValueError(f"a pair names the image {error.args[0]}, which dataset.image_paths() does not list") from None
+    labels = pair_labels(dataset).astype(np.float32).reshape(-1, 1)
+    return torch.from_numpy(rows), torch.from_numpy(labels)
+
+
+def _embedded_batches(model: nn.Module, dataset: Any, paths: list[str], batch_size: int, device: torch.device,
+                      storage_dtype: torch.dtype, autocast: bool, num_workers: int, progress: bool, desc: str
+                      ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """``(paths, tokens [b, N, 384] in storage_dtype, kept [b, N])`` on the CPU, batch by batch, in eval mode."""
+    loader = DataLoader(
+        _ImageFiles(dataset, paths), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # keeps the loader from drawing its seed from the global RNG
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+            for start, images in zip(range(0, len(paths), batch_size),
+                                     tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
+                features = model.embed(images.to(device, non_blocking=True))
+                yield paths[start:start + batch_size], features.tokens.to("cpu", storage_dtype), features.kept.cpu()
+    finally:
+        model.train(was_training)
 
 
 def compute_features(
@@ -139,77 +199,96 @@ def compute_features(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "embedding images",
+    chunk_images: int | None = None,
 ) -> FeatureCache:
-    """Embed each distinct image of ``dataset`` once (batched, eval mode, no augmentation) into a ``FeatureCache``.
+    """The backbone features of each distinct image of ``dataset`` (batched, eval mode, no augmentation), as a ``FeatureCache``.
 
     Args:
         model: ``ViT_for_OSV_DSNet``; its ``embed`` gives ``[B, N, 384]`` tokens and ``[B, N]`` masks.
-        dataset: a pair dataset (``pairs``, ``image_paths()``, ``load_image(path) -> [1, S, S]``).
+        dataset: a pair dataset (``pairs`` or ``pair_rows``/``pair_labels``, ``image_paths()``,
+            ``load_image(path) -> [1, S, S]``, ``image_size``).
         batch_size: images per backbone pass.
         device: where the backbone runs; default the model's.
-        dtype: ``"float32"`` (distances equal the per-pair path's to 1e-5) or
-            ``"float16"`` (half the memory).
-        feature_dir: empty: keep the tokens in RAM; a folder: keep them in a
-            memory-mapped file in a temporary sub-folder there (deleted with
-            the cache), for sets larger than RAM.
+        dtype: ``"float32"`` (distances equal the per-pair path's to 1e-5), ``"float16"`` (half the
+            memory) or ``"auto"`` (float16 when float32 would pass ``RAM_SHARE`` of the RAM available).
+        feature_dir: empty: embed every image, keep the features in RAM only. A folder: the persistent
+            feature store there (module/feature_store.py): images it holds are not embedded again, the
+            others are added in atomically committed chunks; the features are then read into RAM, or
+            memory-mapped when they would take more than ``RAM_SHARE`` of the RAM available.
         amp: run the backbone under float16 autocast (CUDA only).
         num_workers: image-loading worker processes.
+        progress: progress bars, and a line on what the store held and where the features are.
+        chunk_images: images a store chunk (default: about ``CHUNK_BYTES`` of tokens).
 
     Size: ``M * N * 384 * (4 or 2)`` bytes; ``N = (S / 32)^2`` (49 at 224
     pixels: 75 KB an image in float32).
     """
     paths = list(dataset.image_paths())
-    if not paths or not len(dataset.pairs):
+    if not paths or not len(dataset):
         raise ValueError(f"{type(dataset).__name__} has no pairs to embed")
-    row_of = {path: row for row, path in enumerate(paths)}
-    try:
-        pair_rows = torch.tensor([[row_of[ref], row_of[query]] for ref, query, _ in dataset.pairs], dtype=torch.int64)
-    except KeyError as error:
-        raise ValueError(f"a pair names the image {error.args[0]}, which dataset.image_paths() does not list") from None
-    labels = torch.tensor([[float(label)] for _, _, label in dataset.pairs], dtype=torch.float32)
-    storage_dtype = _torch_dtype(dtype)
+    pair_rows, labels = _pair_arrays(dataset, paths)
+    log = tqdm.write if progress else None
+    image_size = int(dataset.image_size)
+    dtype_name = resolve_feature_dtype(dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+                                       len(paths), image_size, log)
+    storage_dtype = _torch_dtype(dtype_name)
     device = torch.device(device) if device is not None else model_device(model)
-    loader = DataLoader(
-        _ImageFiles(dataset, paths), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),  # keeps the loader from drawing its seed from the global RNG
-    )
-    tokens: torch.Tensor | np.ndarray | None = None
-    kept = None
-    folder = None
-    written = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=amp_enabled(amp, device)):
-            for images in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-                features = model.embed(images.to(device, non_blocking=True))
-                batch_tokens = features.tokens.to("cpu", storage_dtype)
-                if tokens is None:
-                    shape = (len(paths), *batch_tokens.shape[1:])
-                    kept = torch.zeros(shape[:2], dtype=torch.bool)
-                    if feature_dir:
-                        Path(feature_dir).mkdir(parents=True, exist_ok=True)
-                        folder = Path(tempfile.mkdtemp(prefix="features-", dir=feature_dir))
-                        tokens = np.lib.format.open_memmap(folder / "tokens.npy", mode="w+",
-                                                           dtype=np.dtype(str(storage_dtype).removeprefix("torch.")),
-                                                           shape=shape)
-                    else:
-                        tokens = torch.empty(shape, dtype=storage_dtype)
-                end = written + len(batch_tokens)
-                tokens[written:end] = batch_tokens if isinstance(tokens, torch.Tensor) else batch_tokens.numpy()
-                kept[written:end] = features.kept.cpu()
-                written = end
-    finally:
-        model.train(was_training)
-    if folder is not None:
-        tokens.flush()
-        del tokens
-        tokens = np.load(folder / "tokens.npy", mmap_mode="r")
-    cache = FeatureCache(paths, tokens, kept, pair_rows, labels)
-    if folder is not None:
-        weakref.finalize(cache, shutil.rmtree, folder, ignore_errors=True)
-    return cache
+    embedding = dict(batch_size=batch_size, device=device, storage_dtype=storage_dtype,
+                     autocast=amp_enabled(amp, device), num_workers=num_workers, progress=progress, desc=desc)
+
+    if not feature_dir:
+        tokens = kept = None
+        written = 0
+        for _, batch_tokens, batch_kept in _embedded_batches(model, dataset, paths, **embedding):
+            if tokens is None:
+                tokens = torch.empty((len(paths), *batch_tokens.shape[1:]), dtype=storage_dtype)
+                kept = torch.zeros((len(paths), batch_kept.shape[1]), dtype=torch.bool)
+            tokens[written:written + len(batch_tokens)] = batch_tokens
+            kept[written:written + len(batch_tokens)] = batch_kept
+            written += len(batch_tokens)
+        return FeatureCache(paths, tokens, kept, pair_rows, labels, embedded=len(paths))
+
+    store = FeatureStore(feature_dir, FeatureStore.key_for(model, image_size, dtype_name,
+                                                           getattr(dataset, "mode", "normalized"), embedding["autocast"]))
+    store.prepare()
+    places, chunks = store.lookup(paths)
+    missing = [path for path, place in zip(paths, places) if place is None]
+    if log is not None:
+        log(f"feature store {store.folder}: {len(paths) - len(missing)} of {len(paths)} images found"
+            + (f", embedding {len(missing)}" if missing else ", nothing to embed"))
+    if missing:
+        per_chunk = chunk_images or max(1, CHUNK_BYTES // feature_bytes(1, image_size, dtype_name))
+        pending: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+        for batch in _embedded_batches(model, dataset, missing, **embedding):
+            pending.append(batch)
+            while sum(len(paths_) for paths_, _, _ in pending) >= per_chunk:
+                pending = _commit(store, pending, per_chunk)
+        if pending:
+            _commit(store, pending, None)
+        places, chunks = store.lookup(paths)
+        changed = [path for path, place in zip(paths, places) if place is None]
+        if changed:
+            raise OSError(f"{len(changed)} image(s) changed while they were embedded, e.g. {changed[0]}: run again")
+    needed, available = feature_bytes(len(paths), image_size, dtype_name), available_memory()
+    in_ram = needed <= RAM_SHARE * available
+    n_tokens = next(iter(chunks.values())).shape[1]
+    tokens, kept = gather(places, chunks, n_tokens, in_ram)
+    if log is not None:
+        where = "read into RAM" if in_ram else f"memory-mapped from {store.folder}"
+        log(f"features of {len(paths):,} images ({format_size(needed)} {dtype_name}) {where}: "
+            f"{'under' if in_ram else 'more than'} {RAM_SHARE:.0%} of the {format_size(available)} of RAM available")
+    return FeatureCache(paths, tokens, kept, pair_rows, labels, embedded=len(missing), location=store.folder)
+
+
+def _commit(store: FeatureStore, pending: list[tuple[list[str], torch.Tensor, torch.Tensor]], size: int | None
+            ) -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """Commit the first ``size`` (all, for None) pending images as one chunk; returns what is left pending."""
+    paths = [path for batch_paths, _, _ in pending for path in batch_paths]
+    tokens = torch.cat([batch_tokens for _, batch_tokens, _ in pending])
+    kept = torch.cat([batch_kept for _, _, batch_kept in pending])
+    size = len(paths) if size is None else size
+    store.commit(paths[:size], tokens[:size].numpy(), kept[:size].numpy())
+    return [(paths[size:], tokens[size:], kept[size:])] if size < len(paths) else []
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -228,18 +307,41 @@ def make_pair_loader(
     generator: torch.Generator | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    pairs: np.ndarray | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` of pairs: over a ``FeatureCache`` (fast path) or a pair dataset (per-pair path).
 
     ``generator`` orders the pairs and seeds the workers; its state is saved
-    in checkpoints. Batches are ``CachedPairBatch`` (fast path) or
-    ``(pairs [B, 2, S, S], labels [B, 1, 1])`` (per-pair path).
+    in checkpoints. ``pairs``: only these pair indices (``epoch_pair_sample``),
+    in an order drawn by ``generator``. Batches are ``CachedPairBatch`` (fast
+    path) or ``(pairs [B, 2, S, S], labels [B, 1, 1])`` (per-pair path).
     """
     generator = generator if generator is not None else torch.Generator()
+    order: dict[str, Any] = {"shuffle": shuffle}
+    if pairs is not None:
+        order = {"sampler": SubsetRandomSampler(pairs.tolist(), generator=generator)}
     if isinstance(data, FeatureCache):
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=data.collate)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      worker_init_fn=_seed_worker, pin_memory=pin_memory)
+        return DataLoader(data, batch_size=batch_size, generator=generator, collate_fn=data.collate, **order)
+    return DataLoader(data, batch_size=batch_size, generator=generator, num_workers=num_workers,
+                      worker_init_fn=_seed_worker, pin_memory=pin_memory, **order)
+
+
+def epoch_pair_sample(labels: np.ndarray, max_pairs: int, seed: int, epoch: int) -> np.ndarray | None:
+    """The pair indices an epoch trains on when there are more than ``max_pairs`` (``None``: all of them).
+
+    A fresh sample each epoch, without replacement, that keeps the
+    genuine/forgery ratio of ``labels`` (``[P]``); it depends only on
+    ``seed`` and ``epoch``, so a resumed run draws the same pairs. Sorted.
+    """
+    if max_pairs <= 0 or max_pairs >= len(labels):
+        return None
+    rng = np.random.default_rng([seed, epoch])
+    genuine = np.flatnonzero(labels == 1)
+    forged = np.flatnonzero(labels != 1)
+    n_genuine = round(max_pairs * len(genuine) / len(labels))
+    chosen = np.concatenate([rng.choice(genuine, n_genuine, replace=False),
+                             rng.choice(forged, max_pairs - n_genuine, replace=False)])
+    return np.sort(chosen)
 
 
 def pair_distances(model: nn.Module, batch: Any, device: torch.device, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,14 +14,16 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "write_json", "json_value", "remove_temporary_files", "TEMPORARY_SUFFIX"]
+__all__ = ["atomic_write", "atomic_write_text", "write_json", "json_value", "remove_temporary_files", "TEMPORARY_SUFFIX",
+           "naming_path"]
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -82,6 +84,15 @@ def _naming(error: OSError, path: Path) -> OSError:
     reason = error.strerror or str(error)
     hint = " (free some space, or write elsewhere)" if error.errno == errno.ENOSPC else ""
     return type(error)(error.errno, f"cannot write {path}: {reason}{hint}")
+
+
+@contextmanager
+def naming_path(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block (a full disk) with ``path`` in its message: for writes that are not atomic."""
+    try:
+        yield
+    except OSError as error:
+        raise _naming(error, Path(path)) from error
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -5,6 +5,8 @@ Rates are fractions in [0, 1].
 """
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from module.io import write_json
+from module.io import atomic_write_text, write_json
 
-__all__ = ["compute_metrics", "save_metrics_json", "ROC_KEYS"]
+__all__ = ["compute_metrics", "compute_writer_metrics", "save_metrics_json", "save_per_writer_csv", "ROC_KEYS",
+           "AGGREGATES", "PAIR_KINDS", "PER_WRITER_COLUMNS"]
 
+# The kinds of query a pair can hold: the reference writer's own genuine signature, a skilled forgery of it,
+# or a genuine signature of another writer (a random forgery).
+PAIR_KINDS = ("genuine", "skilled", "random")
+# How a query's distances to several references of a writer combine into one.
+AGGREGATES = ("mean", "min", "max")
+# The fields of each record of compute_writer_metrics' "per_writer", in the order of per_writer.csv's columns.
+PER_WRITER_COLUMNS = ("writer", "eer", "threshold", "auc", "n_genuine", "n_skilled", "n_random")
 # Entries of a metrics dict that are arrays (ROC curve, raw scores); save_metrics_json leaves them out by default.
 ROC_KEYS = ("roc_fpr", "roc_tpr", "roc_thresholds")
 
@@ -122,6 +132,82 @@ def compute_metrics(distances: Any, labels: Any) -> dict[str, Any]:
     }
 
 
+def compute_writer_metrics(distances: Any, writer_ids: Any, kinds: Any) -> dict[str, Any]:
+    """Writer-level verification figures (the protocol of sigver), exact over every distinct threshold.
+
+    A pair is accepted as genuine when ``distance <= threshold``.
+
+    Args:
+        distances: ``[N]`` or ``[N, 1]`` finite floats, one per pair.
+        writer_ids: ``[N]``, the writer of each pair's reference (ints or strings).
+        kinds: ``[N]``, each pair's query: ``"genuine"`` (the same writer's genuine
+            signature), ``"skilled"`` (a skilled forgery of that writer) or
+            ``"random"`` (a genuine signature of another writer).
+
+    Returns:
+        ``eer``, ``threshold``: ``compute_metrics`` over the genuine vs skilled
+        pairs of all writers; ``frr``, ``far_skilled``, ``far_random`` at that
+        threshold (``far_random`` NaN without random pairs);
+        ``eer_user_thresholds``: each writer's own EER threshold over its
+        genuine vs skilled pairs, the errors pooled over writers:
+        ``(genuine rejected / genuine + skilled accepted / skilled) / 2``;
+        ``mean_writer_auc``: the mean over writers of the AUC of genuine vs
+        skilled; ``per_writer``: one dict a writer (``writer``, ``eer``,
+        ``threshold``, ``auc``, ``n_genuine``, ``n_skilled``, ``n_random``),
+        sorted by writer; ``skipped_writers``: the writers with no genuine or
+        no skilled pair, left out of the writer-level figures (both NaN when
+        every writer is). Rates are fractions in [0, 1].
+
+    Raises:
+        ValueError: lengths differ, an unknown kind, a non-finite distance, or
+            no genuine or no skilled pair at all.
+    """
+    scores = _as_1d_array(distances, "distances").astype(np.float64)
+    writers = _as_1d_array(writer_ids, "writer_ids")
+    kind_values = _as_1d_array(kinds, "kinds").astype(str)
+    if not scores.shape == writers.shape == kind_values.shape:
+        raise ValueError(f"distances ({scores.size}), writer_ids ({writers.size}) and kinds ({kind_values.size}) "
+                         "differ in length")
+    unknown = sorted(set(np.unique(kind_values)) - set(PAIR_KINDS))
+    if unknown:
+        raise ValueError(f"kinds must be {', '.join(PAIR_KINDS)}; found {unknown[:5]}")
+    genuine, skilled, random = (kind_values == kind for kind in PAIR_KINDS)
+    verified = genuine | skilled
+    overall = compute_metrics(scores[verified], genuine[verified].astype(np.int64))
+    threshold = overall["threshold"]
+    far_random = float(np.mean(scores[random] <= threshold)) if random.any() else float("nan")
+
+    per_writer, skipped = [], []
+    genuine_rejected = skilled_accepted = n_genuine = n_skilled = 0
+    for writer in np.unique(writers):
+        mine = writers == writer
+        mine_genuine, mine_skilled = mine & genuine, mine & skilled
+        counts = {"n_genuine": int(mine_genuine.sum()), "n_skilled": int(mine_skilled.sum()),
+                  "n_random": int((mine & random).sum())}
+        if not counts["n_genuine"] or not counts["n_skilled"]:
+            skipped.append(writer.item())
+            continue
+        own = compute_metrics(scores[mine_genuine | mine_skilled], genuine[mine_genuine | mine_skilled].astype(np.int64))
+        per_writer.append({"writer": writer.item(), "eer": own["eer"], "threshold": own["threshold"],
+                           "auc": own["auc"], **counts})
+        genuine_rejected += int((scores[mine_genuine] > own["threshold"]).sum())
+        skilled_accepted += int((scores[mine_skilled] <= own["threshold"]).sum())
+        n_genuine += counts["n_genuine"]
+        n_skilled += counts["n_skilled"]
+
+    return {
+        "eer": overall["eer"],
+        "threshold": threshold,
+        "frr": overall["frr"],
+        "far_skilled": overall["far"],
+        "far_random": far_random,
+        "eer_user_thresholds": (genuine_rejected / n_genuine + skilled_accepted / n_skilled) / 2
+        if per_writer else float("nan"),
+        "mean_writer_auc": float(np.mean([record["auc"] for record in per_writer])) if per_writer else float("nan"),
+        "per_writer": per_writer,
+        "skipped_writers": skipped,
+    }
+
 
 def save_metrics_json(metrics: Mapping[str, Any], path: str | Path, include_arrays: bool = False) -> Path:
     """Write ``metrics`` as plain JSON (atomically) and return the path.
@@ -134,3 +220,12 @@ def save_metrics_json(metrics: Mapping[str, Any], path: str | Path, include_arra
         if include_arrays or not isinstance(value, (np.ndarray, torch.Tensor))
     }
     return write_json(path, kept)
+
+
+def save_per_writer_csv(writer_metrics: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``compute_writer_metrics``' ``per_writer`` records as CSV (one row a writer, ``PER_WRITER_COLUMNS``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PER_WRITER_COLUMNS)
+    writer.writerows([record[column] for column in PER_WRITER_COLUMNS] for record in writer_metrics["per_writer"])
+    return atomic_write_text(path, buffer.getvalue())

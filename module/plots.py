@@ -1,16 +1,24 @@
-"""Figures from metrics and training histories, as PNG files (matplotlib's Agg, no pyplot state)."""
+"""Figures from metrics, training histories and explanations, as PNG files (matplotlib's Agg, no pyplot state)."""
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from module.io import atomic_write
 from module.metrics import ROC_KEYS
 
-__all__ = ["plot_training_history", "plot_roc_curve", "plot_score_distribution"]
+if TYPE_CHECKING:
+    from model_v3 import Explanation
+
+# Beyond this many writers the per-writer EER plot names none of them (the CSV does).
+MAX_WRITER_TICKS = 60
+
+__all__ = ["plot_training_history", "plot_roc_curve", "plot_score_distribution", "plot_writer_eers",
+           "plot_explanation"]
 
 
 def _new_figure(width: float, height: float, columns: int = 1) -> tuple[Any, list[Any]]:
@@ -22,9 +30,15 @@ def _new_figure(width: float, height: float, columns: int = 1) -> tuple[Any, lis
     return figure, axes
 
 
-def _save(figure: Any, path: str | Path) -> Path:
-    """Write ``figure`` as a PNG, atomically (a plot cut off by a disconnect is never left behind)."""
-    return atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
+def _save(figure: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``figure`` as a PNG, atomically (a plot cut off by a disconnect is never left behind).
+
+    Rendered in memory first, so that a full disk is an ``OSError`` naming the file, whatever matplotlib does.
+    """
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    png = buffer.getvalue()
+    return atomic_write(path, lambda file: file.write(png))
 
 
 def _history_column(history: Mapping[str, Sequence[Any]], key: str) -> np.ndarray:
@@ -117,3 +131,132 @@ def plot_score_distribution(metrics: Mapping[str, Any], path: str | Path, title:
     axes.legend()
     return _save(figure, path)
 
+
+
+def plot_writer_eers(writer_metrics: Mapping[str, Any], path: str | Path, title: str = "EER of each writer") -> Path:
+    """One bar a writer: its EER at its own threshold, against the global EER; returns the path.
+
+    ``writer_metrics`` is ``compute_writer_metrics``' output.
+    """
+    records = writer_metrics["per_writer"]
+    if not records:
+        raise ValueError("no writer has both genuine and skilled pairs: there are no per-writer EERs to plot")
+    records = sorted(records, key=lambda record: record["eer"])
+    figure, (axes,) = _new_figure(min(16.0, max(6.0, 0.25 * len(records) + 2)), 4.5)
+    positions = np.arange(len(records))
+    axes.bar(positions, [100 * record["eer"] for record in records], color="tab:blue",
+             label=f"each writer's own threshold (pooled {100 * writer_metrics['eer_user_thresholds']:.2f}%)")
+    axes.axhline(100 * writer_metrics["eer"], color="tab:red", linestyle="--",
+                 label=f"global EER {100 * writer_metrics['eer']:.2f}% (one threshold for all)")
+    if len(records) <= MAX_WRITER_TICKS:
+        axes.set_xticks(positions, [str(record["writer"]) for record in records],
+                        rotation=90 if len(records) > 20 else 0, fontsize=8 if len(records) > 20 else 10)
+    axes.set(title=title, xlabel="writer" if len(records) <= MAX_WRITER_TICKS else f"{len(records)} writers, by EER",
+             ylabel="EER, genuine vs skilled (%)")
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend()
+    return _save(figure, path)
+
+
+def _gray_image(image: Any) -> np.ndarray:
+    """A model input (``[1, S, S]`` or ``[S, S]``, ink bright in [0, 1]) as ``[S, S]`` dark ink on white paper."""
+    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image, dtype=np.float64)
+    return 1 - array.reshape(array.shape[-2:])
+
+
+def _patch_centres(positions: Any, grid: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:
+    """``[K, 2]`` (x, y) pixel centres of token-grid ``positions`` ``[K, 2]`` (row, column) on an image of ``shape``."""
+    positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    cell = np.array([shape[1] / grid[1], shape[0] / grid[0]])
+    return (positions[:, ::-1] + 0.5) * cell
+
+
+def _share_map(shares: np.ndarray, positions: Any, grid: tuple[int, int]) -> np.ndarray:
+    """``[rows, columns]`` grid of each kept token's share (NaN where no token was kept)."""
+    share_grid = np.full(grid, np.nan)
+    for (row, column), share in zip(np.asarray(positions).reshape(-1, 2), shares):
+        share_grid[row, column] = share
+    return share_grid
+
+
+def plot_explanation(explanation: Explanation, ref_image: Any, query_image: Any, path: str | Path, *,
+                     threshold: float | None = None, title: str | None = None, max_lines: int = 20,
+                     dpi: int = 100) -> Path:
+    """Why the model gave a pair its distance, as a PNG; returns the path.
+
+    Top: both scans side by side, the ``max_lines`` strongest matches of the
+    transport plan (largest mass) drawn between patch centres, coloured by
+    their cost and as thick as their mass. Bottom: for each scan, each
+    patch's share of the structural distance (its row or column of
+    ``plan * cost``). The title gives the distances and, with ``threshold``,
+    the decision (genuine when ``distance <= threshold``).
+
+    Args:
+        explanation: ``ViT_for_OSV_DSNet.explain``'s output for the pair.
+        ref_image, query_image: the images the model saw (``[1, S, S]`` or ``[S, S]``, ink bright on black).
+        title: a first line above the distances (e.g. which pair this is).
+    """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyArrowPatch
+
+    ref, query = _gray_image(ref_image), _gray_image(query_image)
+    plan, cost = (np.asarray(values, dtype=np.float64) for values in (explanation.plan, explanation.cost))
+    grid = tuple(explanation.grid)
+    ref_centres = _patch_centres(explanation.ref_positions, grid, ref.shape)
+    query_centres = _patch_centres(explanation.query_positions, grid, query.shape) + [ref.shape[1] * 1.1, 0]
+
+    figure = Figure(figsize=(10, 9), layout="constrained")
+    top, bottom = figure.subfigures(2, 1, height_ratios=[1.1, 1])
+    match_axes = top.add_subplot(1, 1, 1)
+    gap = np.ones((max(ref.shape[0], query.shape[0]), int(ref.shape[1] * 0.1)))
+    canvas = np.ones((gap.shape[0], ref.shape[1] + gap.shape[1] + query.shape[1]))
+    canvas[:ref.shape[0], :ref.shape[1]] = ref
+    canvas[:query.shape[0], ref.shape[1] + gap.shape[1]:] = query
+    match_axes.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+    cost_colours = colormaps["RdYlGn_r"]
+    cost_scale = Normalize(vmin=float(cost.min()), vmax=float(cost.max())) if cost.size else Normalize(0, 1)
+    if plan.size:
+        strongest = np.argsort(plan, axis=None)[::-1][:max_lines]
+        rows, columns = np.unravel_index(strongest, plan.shape)
+        widest = plan[rows[0], columns[0]]
+        for row, column in zip(rows[::-1], columns[::-1]):  # the strongest drawn last, on top
+            # Arcs, not straight lines: matches between the same rows would otherwise run along each other.
+            match_axes.add_patch(FancyArrowPatch(
+                ref_centres[column], query_centres[row], arrowstyle="-", connectionstyle="arc3,rad=-0.3",
+                color=cost_colours(cost_scale(cost[row, column])), linewidth=0.5 + 3 * plan[row, column] / widest,
+                alpha=0.85))
+        match_axes.plot(*ref_centres.T, ".", color="tab:blue", markersize=4)
+        match_axes.plot(*query_centres.T, ".", color="tab:blue", markersize=4)
+    top.colorbar(ScalarMappable(cost_scale, cost_colours), ax=match_axes, shrink=0.8,
+                 label="cost of the match (smaller = more alike)")
+    match_axes.set_title(f"reference (left) and query (right): the {min(max_lines, plan.size)} strongest matches "
+                         "of the transport plan", fontsize=10)
+    match_axes.set_axis_off()
+
+    contribution = plan * cost
+    total = contribution.sum() or 1.0
+    share_scale = Normalize(vmin=0, vmax=max(100 * contribution.sum(1).max(initial=0) / total,
+                                             100 * contribution.sum(0).max(initial=0) / total, 1e-9))
+    for column, (name, image, shares, positions) in enumerate((
+            ("reference", ref, contribution.sum(0), explanation.ref_positions),
+            ("query", query, contribution.sum(1), explanation.query_positions))):
+        axes = bottom.add_subplot(1, 2, column + 1)
+        axes.imshow(image, cmap="gray", vmin=0, vmax=1)
+        axes.imshow(100 * _share_map(shares / total, positions, grid), cmap="Reds", norm=share_scale, alpha=0.55,
+                    extent=(0, image.shape[1], image.shape[0], 0), interpolation="nearest")
+        axes.set_title(f"{name}: each patch's share of the structural distance", fontsize=10)
+        axes.set_axis_off()
+    bottom.colorbar(ScalarMappable(share_scale, "Reds"), ax=bottom.axes, shrink=0.8,
+                    label="share of the structural distance (%)")
+
+    lines = [title] if title else []
+    lines.append(f"distance {explanation.distance:.4f} = global {explanation.global_distance:.4f} + "
+                 f"{explanation.temp:g} x structural {explanation.structural_distance:.4f}")
+    if threshold is not None:
+        decision = "GENUINE" if explanation.distance <= threshold else "FORGED"
+        lines[-1] += f"; threshold {threshold:.4f}: {decision}"
+    figure.suptitle("\n".join(lines))
+    return _save(figure, path, dpi=dpi)

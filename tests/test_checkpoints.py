@@ -1,4 +1,5 @@
-"""Checkpoints: atomic, weights_only-loadable, RNG states restored, corrupt files skipped, retention."""
+"""Checkpoints: atomic, checksummed, weights_only-loadable, what trains only, RNG states restored, corrupt files
+skipped, retention."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from module.checkpoint import checksum_path, frozen_fingerprint, read_torch_file, trained_state_keys
+from module.run_folder import prune_checkpoints
 from module.scheduler import GradualWarmupScheduler
-from module.checkpoint import prune_checkpoints
 from training_utils import (
     CheckpointError,
     FinetuneConfig,
@@ -113,14 +115,51 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path) -> None:
     path = write(tmp_path / "epoch_0001.pt", model, optimizer, scheduler)
     before = path.read_bytes()
 
-    class Unsaveable(nn.Module):
-        def state_dict(self, *args, **kwargs):
-            return {"weight": torch.zeros(2), "broken": lambda: None}  # torch.save fails mid-write
-
-    with pytest.raises(Exception):
-        save_checkpoint(path, model=Unsaveable(), epoch=2, config=FinetuneConfig())
+    with pytest.raises(Exception):  # torch.save cannot write a function: it fails half-way through
+        save_checkpoint(path, model=model, epoch=2, config=FinetuneConfig(), history={"epoch": [lambda: None]})
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.pt", "epoch_0001.pt.sha256"]
+    load_checkpoint(path, model)  # still verifies against its checksum
+
+
+def test_a_checkpoint_holds_what_trains_and_the_fingerprint_of_the_rest(tmp_path) -> None:
+    model, optimizer, scheduler = training_objects()
+    model.linear.requires_grad_(False)
+    model.linear.eval()
+    optimizer = torch.optim.AdamW(model.norm.parameters(), lr=1e-3)
+    path = save_checkpoint(tmp_path / "epoch_0001.pt", model=model, epoch=1, config=FinetuneConfig(), optimizer=optimizer)
+    raw = torch.load(path, weights_only=True)
+    # The trainable BatchNorm's parameters and its running statistics; not the frozen linear layer.
+    assert list(raw["trained_state_dict"]) == ["norm.weight", "norm.bias", "norm.running_mean", "norm.running_var",
+                                              "norm.num_batches_tracked"]
+    assert list(raw["trained_state_dict"]) == trained_state_keys(model)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in raw["trained_state_dict"].items())
+    assert raw["frozen_fingerprint"] == frozen_fingerprint(model, raw["trained_state_dict"])
+
+    same_base, _, _ = training_objects()  # the same seed: the same frozen linear layer
+    load_checkpoint(path, same_base)
+    assert all(torch.equal(value, same_base.state_dict()[key]) for key, value in model.state_dict().items())
+    other_base, _, _ = training_objects(seed=1)
+    with pytest.raises(CheckpointError, match="trained on other frozen weights"):
+        load_checkpoint(path, other_base)
+    with pytest.raises(CheckpointError, match="holds only the trained tensors"):
+        export_state_dict(path, tmp_path / "weights.pth")
+    exported = read_torch_file(export_state_dict(path, tmp_path / "weights.pth", model=same_base))
+    assert set(exported) == set(model.state_dict()) and checksum_path(tmp_path / "weights.pth").is_file()
+
+
+def test_a_flipped_bit_is_detected_and_a_missing_checksum_refused(tmp_path) -> None:
+    model, optimizer, scheduler = training_objects()
+    path = write(tmp_path / "epoch_0001.pt", model, optimizer, scheduler)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"epoch_0001.pt is damaged .*SHA-256.*epoch_0001.pt.sha256"):
+        load_checkpoint(path, model)
+    path = write(tmp_path / "epoch_0002.pt", model, optimizer, scheduler)
+    checksum_path(path).unlink()
+    with pytest.raises(CheckpointError, match="no checksum file epoch_0002.pt.sha256"):
+        load_checkpoint(path, model)
 
 
 def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path) -> None:
@@ -138,7 +177,7 @@ def test_corrupt_latest_checkpoint_is_skipped_with_a_warning(tmp_path) -> None:
     messages = [str(warning.message) for warning in caught]
     assert len(messages) == 2
     assert messages[0].startswith("skipping checkpoint epoch_0004.pt")
-    assert messages[1].startswith("skipping checkpoint epoch_0003.pt")
+    assert messages[1].startswith("skipping checkpoint epoch_0003.pt") and "damaged" in messages[1]
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(latest, model)
 
@@ -159,14 +198,21 @@ def test_a_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path) -> None:
         load_checkpoint(tmp_path / "nothing.pt", model)
 
 
-def test_pruning_keeps_the_newest(tmp_path) -> None:
+def test_pruning_keeps_the_newest_and_the_best(tmp_path) -> None:
     model, optimizer, scheduler = training_objects()
     for epoch in range(1, 6):
         write(epoch_checkpoint_path(tmp_path, epoch), model, optimizer, scheduler, epoch=epoch)
     (tmp_path / "best.pt").write_bytes(b"kept")
     (tmp_path / ".epoch_0006.pt.k3j2.tmp").write_bytes(b"left by a killed process")
-    prune_checkpoints(tmp_path, keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_0004.pt", "epoch_0005.pt"]
+    (tmp_path / "epoch_0006.pt.sha256").write_text("0" * 64 + "  epoch_0006.pt\n")  # its file was never renamed in
+    prune_checkpoints(tmp_path, keep_last=2, keep_epochs=[2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt", "epoch_0002.pt", "epoch_0002.pt.sha256", "epoch_0004.pt", "epoch_0004.pt.sha256",
+        "epoch_0005.pt", "epoch_0005.pt.sha256"]
+    # A run set back to epoch 4 (epoch 5 was damaged): epoch 5 goes, and the newest are counted from epoch 4.
+    prune_checkpoints(tmp_path, keep_last=1, keep_epochs=[2], current_epoch=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt", "epoch_0002.pt", "epoch_0002.pt.sha256", "epoch_0004.pt", "epoch_0004.pt.sha256"]
 
 
 def test_export_state_dict_is_plain_weights(tmp_path) -> None:

@@ -8,6 +8,7 @@ import io
 import socket
 import tarfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -265,3 +266,17 @@ def test_notebook_setup_defaults_and_errors(monkeypatch: pytest.MonkeyPatch) -> 
         downloads.resolve_notebook_setup("cedar", "", "", None)
     with pytest.raises(ValueError, match="DATASET is empty and DEMO is False"):
         downloads.resolve_notebook_setup("", "", "", False)
+
+
+def test_files_extracted_from_a_zip_keep_the_archive_times(tmp_path: Path) -> None:
+    """A new Colab runtime extracts the archive again: the scans must keep their modification times, which key the
+    feature store (zipfile alone would stamp them with the time of extraction)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(zipfile.ZipInfo("CEDAR/full_org/original_1_1.png", date_time=(2020, 5, 17, 10, 30, 4)), b"png")
+    (tmp_path / "CEDAR.zip").write_bytes(buffer.getvalue())
+    times = []
+    for runtime in ("first", "second"):
+        downloads.extract_archive(tmp_path / "CEDAR.zip", tmp_path / runtime, quiet=True)
+        times.append((tmp_path / runtime / "CEDAR/full_org/original_1_1.png").stat().st_mtime)
+    assert times[0] == times[1] == time.mktime((2020, 5, 17, 10, 30, 4, 0, 0, -1))

@@ -7,14 +7,21 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import finetune as finetune_cli
 from module.config import FinetuneConfig
+from module.evaluation import reference_trials
+from module.pair_files import pair_kind, read_pair_file
 from prepare_datasets import make_synthetic_dataset
+from sig_dataloader_colab import load_signature
+from training_utils import Verifier, compute_writer_metrics, load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "16", "--lr", "4e-3"]
@@ -70,7 +77,7 @@ def other_value(setting: dataclasses.Field, kind: type) -> object:
     if choices:
         return next((choice for choice in choices if choice != default), default)
     special = {"image_size": 256, "unfreeze_blocks": 2, "device": "cuda:1", "pretrained": "weights.pth",
-               "feature_dir": "features", "min_improvement": 0.05}
+               "feature_dir": "features", "min_improvement": 0.05, "cache_dir": "cache"}
     if setting.name in special:
         return special[setting.name]
     return {bool: lambda: not default, int: lambda: default + 1, float: lambda: default * 2}[kind]()
@@ -162,6 +169,22 @@ def test_evaluate_and_verify_a_run(demo_run: Path) -> None:
     assert f"threshold {threshold:.6g}" in result.stdout and ("GENUINE" in result.stdout or "FORGED" in result.stdout)
 
 
+def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    scan = np.asarray(Image.open(demo_run / "data/full_org/original_1_1.png"))
+    twin = np.rint((scan - scan.min()) * (255 / (scan.max() - scan.min()))).astype(np.uint8)  # 0 to 255
+    Image.fromarray(twin).save(tmp_path / "reference_8bit.png")
+    Image.fromarray(twin.astype(np.uint16) * 257).save(tmp_path / "reference_16bit.tif")
+    query = demo_run / "data/full_forg/forgeries_1_1.png"
+    eight, sixteen = (finetune("verify", tmp_path / name, query, "--run", demo_run)
+                      for name in ("reference_8bit.png", "reference_16bit.tif"))
+    assert eight.returncode == 0 and sixteen.returncode == 0, eight.stderr[-2000:] + sixteen.stderr[-2000:]
+    # The same distance and decision; only the reference's file name differs.
+    assert sixteen.stdout.replace("reference_16bit.tif", "reference_8bit.png") == eight.stdout
+    assert "distance" in eight.stdout
+
+
 def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> None:
     for _ in range(2):  # the second time the files are checked and kept; a relative root, as people type it
         result = finetune("prepare", "cedar", corpus.name, "--val-ratio", "0.2", cwd=corpus.parent)
@@ -173,7 +196,7 @@ def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> No
     result = finetune("train", "cedar", corpus, "--out", out, *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "test EER" in result.stdout and (out / "test_metrics.json").is_file()
-    final_weights = torch.load(out / "epoch_0002.pt", weights_only=True)["model_state_dict"]["head_str.weight"]
+    final_weights = torch.load(out / "epoch_0002.pt", weights_only=True)["trained_state_dict"]["head_str.weight"]
 
     # Stopped during epoch 2: the same command continues from epoch 1, to the same weights.
     (out / "epoch_0002.pt").unlink()
@@ -181,14 +204,16 @@ def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr[-2000:]
     assert "after epoch 1" in result.stderr + result.stdout
     assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
-    assert torch.equal(torch.load(out / "epoch_0002.pt", weights_only=True)["model_state_dict"]["head_str.weight"],
+    assert torch.equal(torch.load(out / "epoch_0002.pt", weights_only=True)["trained_state_dict"]["head_str.weight"],
                        final_weights)
 
     result = finetune("train", "cedar", corpus, "--out", out, "--no-resume", *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "new run" in result.stderr + result.stdout
-    (previous,) = out.glob("previous-*")
-    assert sorted(path.name for path in previous.iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    (previous,) = out.glob("previous-*")  # the earlier run's checkpoints and report, with their checksums
+    moved = {path.name for path in previous.iterdir()}
+    assert {"best.pt", "epoch_0001.pt", "epoch_0002.pt", "best_weights.pth", "test_metrics.json", "history.json"} <= moved
+    assert all(name + ".sha256" in moved for name in moved if name.endswith((".pt", ".pth")))
     assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
 
 
@@ -233,3 +258,153 @@ def test_bad_settings_and_missing_image(demo_run: Path, tmp_path: Path) -> None:
         finetune("verify", tmp_path / "missing.png", demo_run / "data/full_org/original_1_1.png", "--run", demo_run),
         "missing.png",
     )
+
+
+# --------------------------------------------------------------------------- GPDS and BHSig end to end
+
+@pytest.fixture(scope="module")
+def gpds_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """A GPDS-layout corpus (one writer in both train/ and test/), prepared with --resplit and trained."""
+    root = tmp_path_factory.mktemp("gpds")
+    make_synthetic_dataset(root, "gpds", n_writers=6, n_genuine=4, n_forged=3, seed=5, image_size=64, progress=False)
+    folder_split = finetune("prepare", "gpds", root)  # the folder split shares a writer between train/ and test/
+    warning, error = folder_split.stderr.strip().splitlines()
+    assert folder_split.returncode == 1 and error.startswith("error: ") and "--resplit" in error
+    assert warning.startswith("warning: 1 writer(s) appear in both") and "--resplit" in warning
+    prepared = finetune("prepare", "gpds", root, "--resplit", "--test-ratio", "0.3", "--val-ratio", "0.2")
+    assert prepared.returncode == 0 and prepared.stdout.count("  OK") == 3, prepared.stdout + prepared.stderr
+    out = root.parent / "gpds_run"
+    trained = finetune("train", "gpds", root, "--out", out, *TINY_TRAINING, "--max-train-pairs-per-epoch", "30")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return root, out, trained
+
+
+def test_gpds_prepare_train_evaluate_verify(gpds_run) -> None:
+    root, out, trained = gpds_run
+    output = trained.stdout + trained.stderr
+    assert "the backbone is fresh" in output and "Best model (epoch" in trained.stdout
+    assert json.loads((out / "test_before_metrics.json").read_text())["n_genuine"] > 0
+    assert sorted(name for name in ("val", "test") if (out / f"{name}_metrics.json").is_file()) == ["test", "val"]
+
+    # A finished run, run again: nothing trained, nothing embedded (every feature comes from the store).
+    start = time.perf_counter()
+    again = finetune("train", "gpds", root, "--out", out, *TINY_TRAINING, "--max-train-pairs-per-epoch", "30")
+    seconds = time.perf_counter() - start
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to train" in output and "embedding" not in output and output.count("nothing to embed") == 2
+    print(f"\nre-running a finished train: {seconds:.1f} s")
+
+    evaluated = finetune("evaluate", "--run", out)
+    assert evaluated.returncode == 0 and "nothing to embed" in evaluated.stdout + evaluated.stderr, evaluated.stderr
+    reference, query = sorted(root.glob("train/genuine/c-00*.jpg"))[:2]
+    verified = finetune("verify", reference, query, "--run", out)
+    assert verified.returncode == 0 and ("GENUINE" in verified.stdout or "FORGED" in verified.stdout), verified.stderr
+
+
+def test_bhsig_with_few_writers_prepare_train_evaluate_verify(gpds_run, tmp_path: Path) -> None:
+    root = tmp_path / "Hindi"
+    make_synthetic_dataset(root, "bhsig", n_writers=4, n_genuine=4, n_forged=3, seed=6, image_size=64, progress=False)
+    # The default test writers (1-60) take all four: the error names the flag that fixes it.
+    assert_one_line_error(finetune("prepare", "bhsig", root), "--test-writers")
+    # Pair files without a validation split (prepare_datasets.py's default): train names the command that adds one.
+    made = subprocess.run([sys.executable, str(ROOT / "prepare_datasets.py"), "bhsig", str(root), "--test-writers", "1"],
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    message = assert_one_line_error(finetune("train", "bhsig", root, "--out", tmp_path / "run", *TINY_TRAINING),
+                                    "gray_val.txt not found")
+    fix = message.split("Fix: ")[1]
+    assert fix == f"python finetune.py prepare bhsig {root} --val-ratio 0.1 --test-writers 1"
+    prepared = finetune(*fix.split()[2:])
+    assert prepared.returncode == 0 and prepared.stdout.count("  OK") == 3, prepared.stdout + prepared.stderr
+
+    # A validation figure no epoch can beat by 90 %: the best model is the starting one, and train and verify say so.
+    out = tmp_path / "run"
+    trained = finetune("train", "bhsig", root, "--out", out, *TINY_TRAINING, "--min-improvement", "0.9")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Best model (epoch 0)" in trained.stdout and "did not improve on the starting model" in trained.stdout
+    verified = finetune("verify", root / "1/H-S-1-G-01.tif", root / "1/H-S-1-F-01.tif", "--run", out)
+    assert verified.returncode == 0 and "warning: fine-tuning did not improve" in verified.stderr, verified.stderr
+
+    # The GPDS run on this BHSig folder: its pair files are read, none rewritten.
+    before = {path.name: path.read_bytes() for path in root.glob("*.*")}
+    _, gpds_out, _ = gpds_run
+    evaluated = finetune("evaluate", "--run", gpds_out, "--dataset", "bhsig", "--data-root", root)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert {path.name: path.read_bytes() for path in root.glob("*.*")} == before
+    assert json.loads((gpds_out / "bhsig_test_metrics.json").read_text())["n_genuine"] == 6
+@pytest.fixture(scope="module")
+def bank_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 writers (2 of them test writers) of 5 genuine signatures and 3 forgeries; 2 random forgeries a test writer."""
+    root = tmp_path_factory.mktemp("bank")
+    make_synthetic_dataset(root, "cedar", n_writers=8, n_genuine=5, n_forged=3, seed=4, image_size=96, progress=False)
+    result = finetune("prepare", "cedar", root, "--val-ratio", "0.25", "--random-forgeries", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    kinds = Counter(pair_kind(ref, query) for ref, query, _ in read_pair_file(root / "gray_test.txt").pairs)
+    assert kinds == {"genuine": 2 * 10, "skilled": 2 * 15, "random": 2 * 2}
+    assert "random" not in {pair_kind(ref, query) for ref, query, _ in read_pair_file(root / "gray_train.txt").pairs}
+    return root
+
+
+def test_verify_three_references_json_and_explain(demo_run: Path, tmp_path: Path, capsys) -> None:
+    data = demo_run / "data"
+    references = [data / f"full_org/original_1_{n}.png" for n in (1, 2, 3)]
+    query = data / "full_forg/forgeries_1_1.png"
+    figure = tmp_path / "why.png"
+    result = finetune("verify", *references, query, "--run", demo_run, "--json", "--explain", figure)
+    assert result.returncode == 0, result.stderr[-2000:]
+    decision = json.loads(result.stdout)  # one JSON object and nothing else
+    assert set(decision) == {"distances", "distance", "threshold", "genuine"} and len(decision["distances"]) == 3
+    assert decision["distance"] == pytest.approx(sum(decision["distances"]) / 3, rel=1e-12)
+    assert decision["threshold"] == json.loads((demo_run / "val_metrics.json").read_text())["threshold"]
+    assert decision["genuine"] == (decision["distance"] <= decision["threshold"])
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+    # The Verifier of the run gives the command's numbers; each distance is that reference's alone.
+    verifier = Verifier.from_run(demo_run)
+    assert verifier.verify(query, references=references).distances == pytest.approx(decision["distances"], rel=1e-6)
+    alone = verifier.verify(query, references=references[1:2]).distance
+    assert alone == pytest.approx(decision["distances"][1], rel=1e-6)
+
+    assert finetune_cli.main(["verify", *map(str, references), str(query), "--run", str(demo_run),
+                              "--aggregate", "max", "--threshold", "0.5"]) == 0
+    output = capsys.readouterr().out
+    assert all(f"{reference}: distance" in output for reference in references)
+    assert f"max distance {max(decision['distances']):.6g}, threshold 0.5 (--threshold): " in output
+    assert finetune_cli.main(["verify", str(query), "--run", str(demo_run)]) == 1
+    assert "at least one REF" in capsys.readouterr().err
+
+
+def test_evaluate_writer_level_and_with_references(demo_run: Path, bank_corpus: Path) -> None:
+    result = finetune("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "writer level (2 writers)" in result.stdout
+    writers = json.loads((demo_run / "bank_metrics.json").read_text())["writer_level"]
+    assert [record["n_random"] for record in writers["per_writer"]] == [2, 2] and writers["far_random"] is not None
+    rows = (demo_run / "bank_per_writer.csv").read_text().splitlines()
+    assert rows[0] == "writer,eer,threshold,auc,n_genuine,n_skilled,n_random" and len(rows) == 3
+    assert rows[1].split(",")[0] == str(writers["per_writer"][0]["writer"]) and rows[1].endswith(",10,15,2")
+    assert (demo_run / "bank_writer_eers.png").is_file()
+
+    result = finetune("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank", "--references", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((demo_run / "bank_references_3_metrics.json").read_text())
+    assert (saved["references"], saved["aggregate"], saved["writers_left_out"]) == (3, "mean", [])
+    assert "queries against 3 references each" in result.stdout and "FAR random" in result.stdout
+
+    # The same protocol by hand: each image embedded alone, each trial's mean distance, the writer-level figures.
+    config, model = load_trained_model(demo_run)
+    pairs = [(str(bank_corpus / ref), str(bank_corpus / query)) for ref, query, _ in
+             read_pair_file(bank_corpus / "gray_test.txt").pairs]
+    trials, _ = reference_trials(pairs, 3, np.random.default_rng(config.seed))
+    assert saved["n_trials"] == len(trials) == 2 * (5 + 3) + len({(ref, query) for ref, query in pairs
+                                                                   if pair_kind(ref, query) == "random"})
+    with torch.no_grad():
+        features = {path: model.embed(load_signature(path, config.image_size)[None])
+                    for path in {path for refs, query, _, _ in trials for path in (*refs, query)}}
+        distances = [np.mean([model.compare(features[ref], features[query]).item() for ref in refs])
+                     for refs, query, _, _ in trials]
+    expected = compute_writer_metrics(distances, [writer for *_, writer, _ in trials], [kind for *_, kind in trials])
+    for key in ("eer", "frr", "far_skilled", "far_random", "eer_user_thresholds", "mean_writer_auc"):
+        assert saved[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert saved["threshold"] == pytest.approx(expected["threshold"], rel=1e-5)

@@ -22,7 +22,7 @@ import papermill
 import pytest
 import torch
 
-from prepare_datasets import make_synthetic_dataset
+from prepare_datasets import ensure_pair_files, make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "training.ipynb"
@@ -75,7 +75,7 @@ def execute(source: Path, output: Path, parameters: dict, kernel_name: str) -> n
 
 def saved_run(ckpt_dir: Path, epoch: int) -> tuple[list[int], torch.Tensor]:
     checkpoint = torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)
-    return checkpoint["history"]["epoch"], checkpoint["model_state_dict"]["head_str.weight"]
+    return checkpoint["history"]["epoch"], checkpoint["trained_state_dict"]["head_str.weight"]
 
 
 def test_committed_notebook_is_the_generator_output() -> None:
@@ -130,16 +130,30 @@ def test_demo_runs_and_resumes_after_restart_and_after_run_all(tmp_path: Path, k
     parameters = tiny_parameters(tmp_path)
     ckpt_dir = tmp_path / "ckpt"
 
-    # 1. The whole notebook, uninterrupted, with a second corpus for the cross-dataset part.
-    other = tmp_path / "other"
+    # 1. The whole notebook, uninterrupted, with two other corpora for the cross-dataset part: one without pair
+    # files (PART 9 writes gray_test.txt there, and nothing else), one whose pair files must stay byte for byte.
+    other, prepared = tmp_path / "other", tmp_path / "prepared"
     make_synthetic_dataset(other, "cedar", n_writers=4, n_genuine=3, n_forged=2, seed=7, image_size=96, progress=False)
-    first = execute(NOTEBOOK, tmp_path / "first.ipynb", {**parameters, "CROSS_DATASETS": [["cedar", str(other)]]}, kernel_name)
+    make_synthetic_dataset(prepared, "cedar", n_writers=4, n_genuine=3, n_forged=2, seed=8, image_size=96, progress=False)
+    ensure_pair_files("cedar", prepared, val_ratio=0.25, random_state=3)
+    prepared_files = {path.name: path.read_bytes() for path in prepared.iterdir() if path.is_file()}
+    cross = [["cedar", str(other)], ["cedar", str(prepared)]]
+    first = execute(NOTEBOOK, tmp_path / "first.ipynb", {**parameters, "CROSS_DATASETS": cross}, kernel_name)
     assert "new run" in stream_text(first)
+    assert {path.name: path.read_bytes() for path in prepared.iterdir() if path.is_file()} == prepared_files
+    assert sorted(path.name for path in other.glob("*.txt")) == ["gray_test.txt"]
+    assert json.loads((ckpt_dir / "cross_cedar_prepared_metrics.json").read_text())["n_genuine"] == 3
     history, final_head = saved_run(ckpt_dir, EPOCHS)
     assert history == list(range(EPOCHS + 1))  # epoch 0 is the model before fine-tuning
-    for name in ("test_metrics.json", "val_metrics.json", "history.json", "history.png", "test_roc.png", "best_weights.pth"):
+    for name in ("test_metrics.json", "val_metrics.json", "history.json", "history.png", "test_roc.png", "best_weights.pth",
+                 "test_before_metrics.json"):
         assert (ckpt_dir / name).is_file(), name
+    assert "the backbone is fresh" in stream_text(first)
     assert json.loads((ckpt_dir / "cross_cedar_other_metrics.json").read_text())["n_genuine"] > 0
+    assert json.loads((ckpt_dir / "test_metrics.json").read_text())["writer_level"]["per_writer"]
+    for mistake in ("false accept", "false reject"):  # PART 8 explains each, or says there is none
+        assert (ckpt_dir / f"test_worst_{mistake.replace(' ', '_')}.png").is_file() or \
+            f"no {mistake} on the test split" in stream_text(first), mistake
     assert json.loads((ckpt_dir / "history.json").read_text())["epoch"] == history
 
     # 2. A runtime restart during the last epoch (files kept), then Run all: nothing is remade, training continues.

@@ -10,6 +10,7 @@ import prepare_datasets as pdm
 from prepare_datasets import (
     PairFileError,
     ensure_pair_files,
+    ensure_test_pair_file,
     generate_bhsig_pairs,
     generate_cedar_pairs,
     generate_gdps_pairs,
@@ -177,12 +178,16 @@ def test_gpds_folder_split_reports_shared_writers(gpds, tmp_path):
     with pytest.warns(UserWarning, match="not writer-disjoint"):
         result = generate_gdps_pairs(gpds["root"], out_dir=tmp_path)
     assert result["shared_writers"] == gpds["shared_writers"]
-    assert set(result["files"]) == {"train", "test"}
+    assert set(result["files"]) == {"train", "val", "test"}
     report = validate_pair_file(gpds["root"], tmp_path / "gray_train.txt")
     assert report.shared_writers[str(tmp_path / "gray_test.txt")] == gpds["shared_writers"]
-    assert not report.ok and not report.missing_files and not report.malformed
+    assert report.shared_writers[str(tmp_path / "gray_val.txt")] == []
+    assert not report.ok and not report.missing_files and not report.malformed and not report.undecodable_files
+    # The validation writers (val_ratio 0.1 of the writers only in train/) share no writer with train or test.
+    assert len(result["writers"]["val"]) == 1 and validate_pair_file(gpds["root"], tmp_path / "gray_val.txt").ok
+    assert set(result["writers"]["val"]) <= set(gpds["splits"]["train"]) - set(gpds["shared_writers"])
     # Names with spaces survive the round trip (the files are tab-separated).
-    paths = {p for a, b, _ in read_pair_file(tmp_path / "gray_train.txt").pairs for p in (a, b)}
+    paths = {p for split in ("train", "val") for a, b, _ in read_pair_file(result["files"][split]).pairs for p in (a, b)}
     assert any(" (Copy)" in p for p in paths)
     # Pairs of a writer within one folder split: the shared writer's train part has 4 genuine, 2 forged.
     shared = gpds["shared_writers"][0]
@@ -192,7 +197,9 @@ def test_gpds_folder_split_reports_shared_writers(gpds, tmp_path):
 
 
 def test_gpds_resplit_is_writer_disjoint_and_caps_keep_the_ratio(gpds, tmp_path):
-    result = generate_gdps_pairs(gpds["root"], resplit=True, val_ratio=0.2, test_ratio=0.3, max_train_pairs=50, out_dir=tmp_path)
+    with pytest.warns(UserWarning, match="appear in both .*: pooled by the re-split"):
+        result = generate_gdps_pairs(gpds["root"], resplit=True, val_ratio=0.2, test_ratio=0.3, max_train_pairs=50,
+                                     out_dir=tmp_path)
     writers = result["writers"]
     assert [len(writers[s]) for s in ("train", "val", "test")] == [4, 2, 3]
     assert len(set(writers["train"]) | set(writers["val"]) | set(writers["test"])) == 9
@@ -201,7 +208,9 @@ def test_gpds_resplit_is_writer_disjoint_and_caps_keep_the_ratio(gpds, tmp_path)
         assert validate_pair_file(gpds["root"], result["files"][split]).ok
     train = result["counts"]["train"]
     assert train["pairs"] == 50 and train["genuine"] == round(50 * 15 / 39)
-    again = generate_gdps_pairs(gpds["root"], resplit=True, val_ratio=0.2, test_ratio=0.3, max_train_pairs=50, out_dir=tmp_path / "again")
+    with pytest.warns(UserWarning, match="pooled by the re-split"):
+        again = generate_gdps_pairs(gpds["root"], resplit=True, val_ratio=0.2, test_ratio=0.3, max_train_pairs=50,
+                                    out_dir=tmp_path / "again")
     assert Path(again["files"]["train"]).read_bytes() == Path(result["files"]["train"]).read_bytes()
 
 
@@ -343,7 +352,7 @@ def test_ensure_pair_files_writes_once_and_follows_changes(tmp_path, recwarn):
     (root / "full_org/original_1_1.png").unlink()  # a referenced image disappears
     with pytest.warns(UserWarning, match="missing files"):
         ensure_pair_files("cedar", root, random_state=1)
-    assert validate_pair_file(root, "gray_train.txt").ok
+    assert validate_pair_file(root, "gray_train.txt", check_images=False).ok  # the scans are empty placeholders
 
 
 def test_ensure_pair_files_keeps_your_own_valid_files(tmp_path):
@@ -369,3 +378,104 @@ def test_ensure_pair_files_reuses_its_record_from_a_relative_root(tmp_path, monk
     second = ensure_pair_files("cedar", "rel/data", val_ratio=0.25)
     assert second == first and all(Path(path).is_file() for path in second.values())
     assert {split: Path(path).stat().st_mtime_ns for split, path in second.items()} == stamp
+
+
+# ---------------------------------------------------------------- odd folders, evaluation's test file, validation
+
+
+def test_odd_cedar_folders_are_reported_not_merged_or_dropped_silently(tmp_path):
+    root = _touch_cedar(tmp_path, 4, 3, 2)
+    for n in (1, 2):
+        (root / f"full_forg/forgeries_2_{n}.png").unlink()  # writer 2: genuine scans, no forgery
+    for n in (1, 2, 3):
+        (root / f"full_org/original_3_{n}.png").unlink()  # writer 3: forgeries only
+    (root / "full_org/original_04_4.png").touch()  # writer 4 spelled "04" beside "4"
+    (root / "full_org/original_04_2.png").touch()  # ... and its sample 2 twice
+    (root / "full_org/scan 7.png").touch()  # an image that follows no CEDAR name
+    with pytest.warns(UserWarning) as caught:
+        result = generate_cedar_pairs(root, train_ratio=0.67, random_state=3)
+    notes = sorted(str(warning.message) for warning in caught)
+    assert notes == sorted(result["notes"])
+    assert any(note.startswith("writer 2: no forgeries: only genuine-genuine pairs are made") for note in notes)
+    assert any(note.startswith("writer 3: forgeries only, no genuine signature: left out") for note in notes)
+    assert any("writer 4: its number is written 04 and 4 (original_" in note and "taken as one writer" in note
+               for note in notes)
+    assert any("writer 4: genuine signature 2 has 2 files (original_04_2.png, original_4_2.png): all kept" in note
+               for note in notes)
+    assert any("1 image file(s) follow no original_{w}_{n} / forgeries_{w}_{n} name and are ignored: full_org/scan 7.png"
+               in note for note in notes)
+    writers = result["writers"]
+    assert 3 not in writers["train"] + writers["test"] and sorted(writers["train"] + writers["test"]) == [1, 2, 4]
+    by_writer = {**_by_writer(result["files"]["train"]), **_by_writer(result["files"]["test"])}
+    assert by_writer[2] == Counter({1: 3}) and by_writer[4] == Counter({1: 10, 0: 10})  # 5 genuine scans, 2 forgeries
+
+
+def test_failing_options_warn_of_no_rewrite_and_leave_the_files(tmp_path, recwarn):
+    root = _touch_cedar(tmp_path, 4, 3, 2)
+    ensure_pair_files("cedar", root, val_ratio=0.25)
+    before = {name: (root / name).read_bytes() for name in ("gray_train.txt", "gray_val.txt", "gray_test.txt")}
+    recwarn.clear()
+    with pytest.raises(ValueError, match="too few for 1 test and 3 validation writers"):
+        ensure_pair_files("cedar", root, val_ratio=0.7)
+    assert not recwarn.list, "no 'replaced' warning before a failure"
+    assert {name: (root / name).read_bytes() for name in before} == before
+    with pytest.warns(UserWarning, match=r"replaced the pair files gray_train.txt, gray_val.txt, gray_test.txt .*other arguments"):
+        ensure_pair_files("cedar", root, val_ratio=0.5)
+
+
+def test_evaluation_reads_the_test_file_there_and_writes_one_only_where_none_exists(tmp_path):
+    made = _touch_cedar(tmp_path / "made", 5, 3, 2)
+    ensure_pair_files("cedar", made, val_ratio=0.2, train_ratio=0.6)
+    before = {path.name: path.read_bytes() for path in made.iterdir() if path.is_file()}
+    assert ensure_test_pair_file("cedar", made) == str(made / "gray_test.txt")
+    assert {path.name: path.read_bytes() for path in made.iterdir() if path.is_file()} == before
+
+    bare = _touch_cedar(tmp_path / "bare", 5, 3, 2)
+    assert ensure_test_pair_file("cedar", bare, random_state=1) == str(bare / "gray_test.txt")
+    assert sorted(path.name for path in bare.iterdir() if path.is_file()) == ["gray_test.txt"]
+    generate_cedar_pairs(bare, random_state=1, out_dir=tmp_path / "expected")
+    assert (bare / "gray_test.txt").read_bytes() == (tmp_path / "expected/gray_test.txt").read_bytes()
+
+
+def test_validate_checks_writers_between_files_of_any_name_and_image_headers(tmp_path, capsys):
+    make_synthetic_dataset(tmp_path, "cedar", n_writers=3, n_genuine=3, n_forged=2, image_size=48, progress=False)
+    (tmp_path / "mine_a.txt").write_text("full_org/original_1_1.png\tfull_org/original_1_2.png\t1\n")
+    (tmp_path / "mine_b.txt").write_text("full_org/original_1_3.png\tfull_forg/forgeries_1_1.png\t0\n"
+                                         "full_org/original_2_1.png\tfull_org/original_2_2.png\t1\n")
+    assert pdm.main(["validate", str(tmp_path), "mine_a.txt", "mine_b.txt"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("1 writer(s) also in") == 2 and "mine_b.txt: [1]" in out and "mine_a.txt: [1]" in out
+    report = validate_pair_file(tmp_path, "mine_b.txt", other_pair_files=["mine_a.txt"])
+    assert report.shared_writers == {str(tmp_path / "mine_a.txt"): [1]} and report.undecodable_files == []
+
+    # A Git LFS pointer saved under an image's name (what a clone without git-lfs holds), and a web page.
+    (tmp_path / "full_org/original_2_2.png").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 12345\n")
+    (tmp_path / "full_org/original_2_1.png").write_text("<html>quota exceeded</html>")
+    report = validate_pair_file(tmp_path, "mine_b.txt", other_pair_files=[])
+    assert [path for path, _ in report.undecodable_files] == ["full_org/original_2_1.png", "full_org/original_2_2.png"]
+    assert "git lfs pull" in report.undecodable_files[1][1] and not report.ok
+    assert "2 images that do not decode" in report.summary()
+    assert validate_pair_file(tmp_path, "mine_b.txt", other_pair_files=[], check_images=False).ok
+
+
+def test_errors_name_the_flags_of_the_command_line_in_use(tmp_path, capsys):
+    _touch_bhsig(tmp_path, range(1, 4))
+    assert pdm.main(["bhsig", str(tmp_path)]) == 2
+    assert "e.g. --test-writers 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"e\.g\. test_writers=\[1\]"):
+        generate_bhsig_pairs(tmp_path)
+    assert pdm.main(["bhsig", str(tmp_path), "--test-writers", "1", "--val-ratio", "0.9"]) == 2
+    assert "lower --val-ratio" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"resplit= is not an option of bhsig \(its options: language=, test_writers=\)"):
+        ensure_pair_files("bhsig", tmp_path, resplit=True)
+    # What makes a missing validation file repeats the options the other files were made with.
+    assert pdm.main(["bhsig", str(tmp_path), "--test-writers", "1,3"]) == 0
+    assert pdm.pair_file_fix("bhsig", tmp_path, ["val"]) == (
+        f"prepare_datasets.ensure_pair_files('bhsig', {str(tmp_path)!r}, val_ratio=0.1, "
+        "test_writers=[1, 3])")
+    from module.wording import command_line
+
+    with command_line("finetune.py"):
+        assert pdm.pair_file_fix("bhsig", tmp_path, ["val"]) == (
+            f"python finetune.py prepare bhsig {tmp_path} --val-ratio 0.1 --test-writers 1,3")

@@ -1,7 +1,7 @@
 """The training loop: fast path == per-pair path, exact resume, stops, checkpoints, plots, fine-tuning helps."""
 from __future__ import annotations
 
-import gc
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +16,9 @@ from model_v3 import ViT_for_OSV_DSNet
 from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
+import module.features
+from module.checkpoint import read_checkpoint
+from module.feature_store import ChunkedTokens
 from module.features import pair_distances
 from training_utils import (
     HISTORY_KEYS,
@@ -74,7 +77,7 @@ def new_model(config: FinetuneConfig, seed: int = 0) -> ViT_for_OSV_DSNet:
 
 
 def final_weights(ckpt_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)["model_state_dict"]
+    return torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)["trained_state_dict"]
 
 
 def history_without_times(history: dict) -> dict:
@@ -115,8 +118,9 @@ def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -
     assert (config.epochs, config.batch_size, config.fast_head_only, config.lr) == (4, 8, False, FinetuneConfig.lr)
     with pytest.raises(ValueError, match="unknown FinetuneConfig settings: root"):
         FinetuneConfig.from_parameters(parameters, root=corpus)
-    splits = build_datasets(config, splits=("train", "val"))
+    splits = build_datasets(dataclasses.replace(config, cache_dir="preprocessed"), splits=("train", "val"))
     assert splits["train"].augment and not splits["val"].augment
+    assert splits["train"].cache_dir == splits["val"].cache_dir == Path("preprocessed")  # the cache_dir setting
     assert splits["val"].pair_file.endswith("gray_val.txt") and splits["val"].image_size == IMAGE_SIZE
     with pytest.raises(ValueError, match="dataset must be one of cedar, gpds, bhsig; got 'mnist'"):
         FinetuneConfig(dataset="mnist", data_root=corpus)
@@ -125,7 +129,7 @@ def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -
 
 # --------------------------------------------------------------------------- the two paths agree
 
-def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
+def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path, monkeypatch) -> None:
     train, val = datasets(corpus)
     torch.manual_seed(0)
     model = setup_head_only_finetune(ViT_for_OSV_DSNet())
@@ -171,14 +175,14 @@ def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path) -> None:
     assert half.tokens.dtype == torch.float16
     np.testing.assert_allclose(validate(model, half, progress=False)[1]["distances"], cached["distances"], atol=2e-2)
 
-    # On disk: a memory map, the same numbers, and its folder goes with the cache.
-    on_disk = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
-    assert isinstance(on_disk.tokens, np.memmap)
-    assert np.array_equal(np.asarray(on_disk.tokens), cache.tokens.numpy())
-    assert validate(model, on_disk, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
-    del on_disk
-    gc.collect()
-    assert list((tmp_path / "features").iterdir()) == []
+    # Through the feature store: the same numbers, read back into RAM, or memory-mapped when RAM is short.
+    stored = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
+    assert stored.embedded == len(stored.paths) and torch.equal(stored.tokens, cache.tokens)
+    monkeypatch.setattr(module.features, "available_memory", lambda: 1)
+    mapped = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
+    assert mapped.embedded == 0 and isinstance(mapped.tokens, ChunkedTokens)
+    assert np.array_equal(mapped.tokens[np.arange(len(mapped.paths))], cache.tokens.numpy())
+    assert validate(model, mapped, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -189,14 +193,16 @@ RESUME_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[4]))
     from model_v3 import ViT_for_OSV_DSNet
     from sig_dataloader_colab import SigDataset_CEDAR_Colab
-    from training_utils import FinetuneConfig, find_latest_checkpoint, fit, prepare_run
+    from training_utils import FinetuneConfig, find_latest_checkpoint, fit, prepare_run, seed_everything
 
-    # Everything is rebuilt from the checkpoint: its config, then the model, optimizer, schedule and RNG states.
+    # Everything is rebuilt from the checkpoint: its config, then the trained weights, optimizer, schedule and RNG
+    # states; the frozen backbone they apply to is built as the first process built it (seed 0, as new_model).
     latest = find_latest_checkpoint(sys.argv[2])
     config = FinetuneConfig.from_dict(torch.load(latest, weights_only=True)["config"])
     root = sys.argv[3]
     train = SigDataset_CEDAR_Colab(None, root, train=True, image_size=config.image_size)
     val = SigDataset_CEDAR_Colab(None, root, train=False, image_size=config.image_size, pair_file="gray_val.txt")
+    seed_everything(0)
     run = fit(prepare_run(ViT_for_OSV_DSNet(config), config), train, val, progress=False)
     print("resumed epochs", run.history["epoch"])
 """)
@@ -230,13 +236,18 @@ def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path)
     assert history_without_times(whole_ckpt["history"]) == history_without_times(parts_ckpt["history"])
     assert (whole_ckpt["best_metric"], whole_ckpt["best_epoch"]) == (parts_ckpt["best_metric"], parts_ckpt["best_epoch"])
 
-    # Every file written loads with weights_only=True; the newest keep_last=2 epochs are kept, plus best.pt.
+    # Every file written loads with weights_only=True and has its checksum; the newest keep_last=2 epochs are kept,
+    # and the best epoch's, which best.pt is a copy of (and the feature store, features/).
+    kept = sorted({2, 3, run.best_epoch})
     for folder in ("whole", "parts"):
-        names = sorted(path.name for path in (tmp_path / folder).iterdir())
-        assert names == ["best.pt", "epoch_0002.pt", "epoch_0003.pt"]
+        names = sorted(path.name for path in (tmp_path / folder).iterdir() if path.suffix == ".pt")
+        assert names == ["best.pt"] + [f"epoch_{epoch:04d}.pt" for epoch in kept]
+        assert (tmp_path / folder / "features").is_dir()
         for name in names:
-            checkpoint = torch.load(tmp_path / folder / name, weights_only=True)
+            checkpoint = read_checkpoint(tmp_path / folder / name)
             assert set(HISTORY_KEYS) <= set(checkpoint["history"])
+        assert sorted(path.name for path in (tmp_path / folder).iterdir()) == sorted(
+            names + [name + ".sha256" for name in names] + [".lock", "features"])
 
 
 class InterruptedOnce(torch.utils.data.Dataset):
@@ -295,6 +306,32 @@ def test_resume_refuses_other_settings_and_a_finished_run_stays_finished(corpus:
         prepare_run(new_model(config), config_for(tmp_path, epochs=2, patience=1, min_improvement=0.9, lr=4e-2))
 
 
+def test_a_fresh_sample_of_pairs_each_epoch_is_drawn_again_on_resume(corpus: str, tmp_path: Path, monkeypatch) -> None:
+    """max_train_pairs_per_epoch: 10 of the 36 training pairs an epoch, the same after an interruption."""
+    import training_utils
+
+    sampled: list[list[int]] = []
+
+    def recording(model, loader, *args, **kwargs):
+        sampled.append(sorted(loader.sampler.indices))
+        return train_one_epoch(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(training_utils, "train_one_epoch", recording)
+    train, val = datasets(corpus)
+    whole = config_for(tmp_path / "whole", max_train_pairs_per_epoch=10)
+    fit(prepare_run(new_model(whole), whole), train, val, progress=False)
+    assert [len(pairs) for pairs in sampled] == [10, 10, 10] and sampled[0] != sampled[1]
+    assert all(sum(train.pair_labels[pairs]) == 3 for pairs in sampled)  # 12 of the 36 pairs are genuine
+
+    parts = config_for(tmp_path / "parts", max_train_pairs_per_epoch=10)
+    with pytest.raises(Interrupt):
+        fit(prepare_run(new_model(parts), parts), train, val, progress=False, on_epoch_end=interrupt_after(1))
+    fit(prepare_run(new_model(parts), parts), train, val, progress=False)
+    assert sampled[3:] == sampled[:3]
+    expected, resumed = final_weights(tmp_path / "whole", 3), final_weights(tmp_path / "parts", 3)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus: str, tmp_path: Path) -> None:
     train, val = datasets(corpus)
     config = config_for(tmp_path)
@@ -343,7 +380,7 @@ def test_head_only_fine_tune_lowers_the_validation_eer(tmp_path_factory, tmp_pat
     assert run.best_epoch > 0 and after < before
 
     # The outputs a person looks at: the best weights exported, rebuilt, evaluated and reported.
-    weights = export_state_dict(run.best_checkpoint, tmp_path / "best_weights.pth")
+    weights = export_state_dict(run.best_checkpoint, tmp_path / "best_weights.pth", model=run.model)
     best_model = build_model(config, weights)
     metrics = evaluate_and_report(best_model, val, tmp_path / "report", "val", config, progress=False)
     assert metrics["eer"] == pytest.approx(after)
@@ -364,14 +401,18 @@ def test_train_and_report_runs_the_pipeline_and_starting_over_loses_no_run(corpu
         assert (run_folder / name).is_file(), name
     assert json.loads((run_folder / "test_metrics.json").read_text())["eer"] == result.metrics["test"]["eer"]
     best = torch.load(run_folder / "best.pt", weights_only=True)
-    assert all(torch.equal(value, result.model.state_dict()[key]) for key, value in best["model_state_dict"].items())
+    assert all(torch.equal(value, result.model.state_dict()[key]) for key, value in best["trained_state_dict"].items())
     assert run_status(config.ckpt_dir).startswith(f"2 of 2 epochs done (epoch_0002.pt); best validation EER "
                                                   f"{100 * result.run.best_metric:.2f}% at epoch {result.run.best_epoch}")
 
     # Starting over moves the earlier run's checkpoints aside: nothing of it is overwritten.
     again = train_and_report(config, resume=False, progress=False)
     (previous,) = run_folder.glob("previous-*")
-    assert sorted(path.name for path in previous.iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    set_aside = ["best.pt", "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt", "best_weights.pth"]
+    assert result.run.best_epoch == 0  # this corpus's validation writer is told apart from the start
+    assert sorted(path.name for path in previous.iterdir()) == sorted(
+        set_aside + [name + ".sha256" for name in set_aside] + ["history.json", "history.png"]
+        + [f"{split}_{kind}" for split in ("val", "test") for kind in ("metrics.json", "roc.png", "scores.png")])
     assert torch.load(previous / "best.pt", weights_only=True)["history"] == best["history"]
     assert again.run.history["epoch"] == [0, 1, 2]
 

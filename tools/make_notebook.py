@@ -35,7 +35,10 @@ DATA_ROOT: str = ""             # the dataset's root, e.g. "data/CEDAR" (the fol
 PRETRAINED: str = ""            # DetailSemNet weights: a .pth path, a Google Drive file id or link (empty: a fresh backbone)
 GDRIVE_IDS: dict = {}           # downloaded first: {"CEDAR.zip": "<Drive file id>"} or {"CEDAR.zip": {"id": "...", "md5": "..."}}
 EXTRACT_DIR: str = "data"       # archives from GDRIVE_IDS are extracted here (local disk: fast to read)
+PREPARE_OPTIONS: dict = {}      # the layout's pair-file options: gpds {"resplit": True, "test_ratio": 0.2,
+                                # "max_train_pairs": 200000}, bhsig {"test_writers": [1, 2]}, cedar {"train_ratio": 0.8}
 CKPT_DIR: str = ""              # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect)
+RESUME: bool = True             # False: start over (CKPT_DIR's earlier checkpoints move to previous-<date>/); then set it back
 EPOCHS: int = 10
 BATCH_SIZE: int = 32
 LR: float = 4e-4                # peak learning rate of head_str (the warm-up climbs to it)
@@ -47,8 +50,11 @@ UNFREEZE_BLOCKS: int = 0        # also train the backbone's last N blocks (needs
 IMAGE_SIZE: int = 224           # model input side, a multiple of 32
 AMP: bool = True                # float16 autocast for the backbone on a GPU (ignored on a CPU); the EMD stays float64
 NUM_WORKERS: int = 2            # image-loading processes
-FEATURE_DTYPE: str = "float32"  # cached backbone features: float32, or float16 for half the memory
-FEATURE_DIR: str = ""           # "": features in RAM; a folder: memory-mapped files there (for sets larger than RAM)
+MAX_TRAIN_PAIRS_PER_EPOCH: int = 0  # each epoch a fresh sample of at most this many training pairs (0: all; GPDS: e.g. 200000)
+FEATURE_DTYPE: str = "auto"     # stored backbone features: auto (float16 when float32 would crowd the RAM), float32, float16
+FEATURE_DIR: str = ""           # feature store: "" = features/ in CKPT_DIR (on Drive, survives a disconnect); a local
+                                # folder such as "/content/features" reads faster but is embedded again after a disconnect
+CACHE_DIR: str = ""             # preprocessed images (e.g. "/content/cache"): saves the preprocessing when images are read again
 SEED: int = 42
 VAL_RATIO: float = 0.1          # share of writers held out for validation (it picks the best epoch)
 CROSS_DATASETS: list = []       # PART 9: other datasets to test on, e.g. [("bhsig", "data/BHSig260/Hindi")]
@@ -83,15 +89,18 @@ if setup.demo:
 print(setup)"""),
     ("Pair files", """\
 # PART 2 - Pair files: written once, then reused while they stay valid.
-pair_files = prepare_datasets.ensure_pair_files(setup.dataset, setup.data_root, val_ratio=setup.val_ratio, random_state=SEED)
+# Anything odd in the folders (a writer without forgeries, a writer number spelled two ways) is reported as a warning.
+pair_files = prepare_datasets.ensure_pair_files(setup.dataset, setup.data_root, val_ratio=setup.val_ratio, random_state=SEED,
+                                                **({} if setup.demo else PREPARE_OPTIONS))
 print(pair_files)"""),
     ("Imports", """\
 # PART 3 - Imports
 import dataclasses
 import torch
 from IPython.display import Image, display
-from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, print_trainable_params,
-                            run_status, setup_head_only_finetune, train_and_report)
+from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, explain_worst_errors,
+                            print_trainable_params, run_status, setup_head_only_finetune, starting_model_note,
+                            train_and_report)
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU'}")"""),
     ("Model", """\
 # PART 4 - Model: the run's settings, the pretrained weights, and what trains (head_str; the backbone stays frozen).
@@ -109,20 +118,33 @@ print(run_status(config.ckpt_dir))"""),
 # PART 7 - Training, then the best epoch on the validation and test splits; best_weights.pth is exported.
 # One checkpoint an epoch: stopping this cell (or a disconnect) loses at most the current epoch, and running it
 # again continues from the last checkpoint on disk, not from the half-trained model in memory.
-result = train_and_report(config, model=model, datasets=datasets)"""),
+result = train_and_report(config, model=model, datasets=datasets, resume=RESUME)"""),
     ("Evaluation on the test split", """\
-# PART 8 - The best model on the test split (the validation EER threshold is what `finetune.py verify` uses).
-test = result.metrics["test"]
+# PART 8 - The best model on the test split (the validation EER threshold is what `finetune.py verify` uses), its
+# writer-level figures, and why it made its worst mistakes: the transport plan of the worst false accept and reject.
+test, threshold = result.metrics["test"], result.metrics["val"]["threshold"]
 print(f"best epoch {result.run.best_epoch}: test EER {test['eer']:.2%}, accuracy {test['accuracy']:.2%}, "
-      f"AUC {test['auc']:.4f}, threshold {result.metrics['val']['threshold']:.4g}")
-display(Image(filename=str(result.run.ckpt_dir / "test_scores.png")))"""),
+      f"AUC {test['auc']:.4f}, threshold {threshold:.4g}")
+if note := starting_model_note(result.run.ckpt_dir):  # best epoch 0, or a fresh backbone
+    print(f"Note: {note}.")
+writers = test["writer_level"]
+if writers is not None:
+    print(f"writer level: EER {writers['eer']:.2%} (genuine vs skilled), {writers['eer_user_thresholds']:.2%} with each "
+          f"writer's own threshold, mean writer AUC {writers['mean_writer_auc']:.4f} (test_per_writer.csv)")
+display(Image(filename=str(result.run.ckpt_dir / "test_scores.png")))
+for mistake, figure in explain_worst_errors(result.model, datasets["test"], test, threshold, result.run.ckpt_dir).items():
+    if figure is None:
+        print(f"no {mistake} on the test split")
+    else:
+        display(Image(filename=str(figure)))"""),
     ("Cross-dataset evaluation", """\
 # PART 9 - Cross-dataset evaluation: the best model on the test split of each of CROSS_DATASETS.
+# A dataset's gray_test.txt is read as it is (its pair files are never rewritten); one is written only where none exists.
 for other_dataset, other_root in CROSS_DATASETS:
-    prepare_datasets.ensure_pair_files(other_dataset, other_root, random_state=SEED)
-    other_config = dataclasses.replace(config, dataset=other_dataset, data_root=str(other_root))
+    prepare_datasets.ensure_test_pair_file(other_dataset, other_root, random_state=SEED)
+    other_config = dataclasses.replace(result.run.config, dataset=other_dataset, data_root=str(other_root))
     other = evaluate_and_report(result.model, build_datasets(other_config, splits=("test",))["test"], result.run.ckpt_dir,
-                                f"cross_{other_dataset}_{os.path.basename(os.path.normpath(other_root))}", config)
+                                f"cross_{other_dataset}_{os.path.basename(os.path.normpath(other_root))}", other_config)
     print(f"{other_dataset} at {other_root}: EER {other['eer']:.2%}, AUC {other['auc']:.4f}")
 print(f"{len(CROSS_DATASETS)} other datasets evaluated")"""),
     ("Plots and exports", """\

@@ -1,0 +1,275 @@
+"""Dataset folder layouts: the scans a folder holds, by writer, and what was odd about them.
+
+``scan_cedar``, ``scan_bhsig`` and ``scan_gpds`` read one layout each into
+``FoundScans`` (every file that follows the layout's names, with the way
+its writer number is spelled); ``usable_writers`` then keeps the writers a
+pair can be made for and returns one note per oddity: a writer without
+forgeries, a forgery-only writer, a writer number spelled two ways
+(``original_03_2.jpg`` beside ``original_3_1.jpg``), a sample with two
+files, image files that follow no name of the layout. A note says which
+writer, what is missing and what was done; nothing is merged or dropped
+silently. Writers are split here too (``split_writers``, ``split_sizes``).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from module.pair_files import BHSIG_NAME, CEDAR_NAME, GPDS_NAME, IMAGE_EXTENSIONS, Pair
+from module.wording import option
+
+__all__ = [
+    "BHSIG_LANGUAGES", "BHSIG_TEST_WRITERS", "FoundScans", "WriterScans", "scan_bhsig", "scan_cedar", "scan_gpds",
+    "split_sizes", "split_writers", "usable_writers", "writer_pairs",
+]
+
+BHSIG_LANGUAGES = {"hindi": "H", "bengali": "B"}
+BHSIG_TEST_WRITERS = {"hindi": range(1, 61), "bengali": range(1, 51)}
+_IMAGE_FILE = re.compile(rf"\.{IMAGE_EXTENSIONS}$", re.IGNORECASE)
+LISTED = 8  # writers or files named in one note before "and N more"
+
+
+@dataclass
+class WriterScans:
+    """One writer's scans, paths relative to the dataset root, in sample order."""
+
+    genuine: list[str] = field(default_factory=list)
+    forged: list[str] = field(default_factory=list)
+
+
+def writer_pairs(scans: WriterScans, n_forgery_pairs: int | None = None, rng: np.random.Generator | None = None) -> list[Pair]:
+    """All genuine-genuine pairs (unordered) and genuine-forgery pairs of one writer.
+
+    With `n_forgery_pairs`, that many genuine-forgery pairs drawn without
+    replacement by `rng` (kept in their natural order).
+    """
+    pairs = [(a, b, 1) for a, b in itertools.combinations(scans.genuine, 2)]
+    forgeries = [(g, f, 0) for g in scans.genuine for f in scans.forged]
+    if n_forgery_pairs is not None and n_forgery_pairs < len(forgeries):
+        keep = np.sort(rng.choice(len(forgeries), n_forgery_pairs, replace=False))
+        forgeries = [forgeries[i] for i in keep]
+    return pairs + forgeries
+
+
+def _natural_key(path: str) -> tuple:
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path))
+
+
+@dataclass
+class FoundScans:
+    """Every scan of a layout's folders that follows its names, before writers are judged usable.
+
+    Attributes:
+        naming: the layout's file names, for notes (``original_{w}_{n}.png / forgeries_{w}_{n}.png``).
+        files: writer -> ``"genuine"`` / ``"forged"`` -> ``[(sample number, relative path)]``.
+        spellings: writer -> {its number as a file name writes it: the first such file}.
+        unmatched: image files in the layout's folders that follow none of its names.
+    """
+
+    naming: str
+    files: dict[int, dict[str, list[tuple[int, str]]]] = field(
+        default_factory=lambda: defaultdict(lambda: {"genuine": [], "forged": []}))
+    spellings: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
+    unmatched: list[str] = field(default_factory=list)
+
+    def add(self, writer: str, forged: bool, sample: str, path: str) -> None:
+        self.files[int(writer)]["forged" if forged else "genuine"].append((int(sample), path))
+        self.spellings[int(writer)].setdefault(writer, path)
+
+    def skip(self, path: str) -> None:
+        """A file that follows none of the layout's names: noted when it is an image."""
+        if _IMAGE_FILE.search(path):
+            self.unmatched.append(path)
+
+    def merged(self, other: FoundScans) -> FoundScans:
+        """Both folders' scans as one (GPDS's train/ and test/ pooled)."""
+        pooled = FoundScans(self.naming, unmatched=self.unmatched + other.unmatched)
+        for found in (self, other):
+            for writer, kinds in found.files.items():
+                for kind, items in kinds.items():
+                    pooled.files[writer][kind] += items
+            for writer, spelled in found.spellings.items():
+                for spelling, path in spelled.items():
+                    pooled.spellings[writer].setdefault(spelling, path)
+        return pooled
+
+
+def _listing(items: list, limit: int = LISTED) -> str:
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _writer_note(writers: list[int], what: str, done: str) -> str:
+    who = f"writer {writers[0]}" if len(writers) == 1 else f"{len(writers)} writers ({_listing(writers)})"
+    return f"{who}: {what}: {done}"
+
+
+def usable_writers(found: FoundScans, where: str = "") -> tuple[dict[int, WriterScans], list[str]]:
+    """The writers a pair can be made for, each one's scans in sample order, and a note per oddity.
+
+    A pair needs a genuine reference: a writer with no genuine scan, or with
+    one genuine scan and no forgery, is left out (and named). ``where``
+    prefixes the notes (``"in test/: "``).
+    """
+    writers: dict[int, WriterScans] = {}
+    notes: list[str] = []
+    kinds_missing: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for writer in sorted(found.files):
+        kinds = found.files[writer]
+        spelled = found.spellings[writer]
+        if len(spelled) > 1:
+            examples = ", ".join(os.path.basename(path) for path in spelled.values())
+            notes.append(f"{where}writer {writer}: its number is written {' and '.join(sorted(spelled))} "
+                         f"({examples}): taken as one writer")
+        for kind, items in kinds.items():
+            by_sample = defaultdict(list)
+            for sample, path in items:
+                by_sample[sample].append(os.path.basename(path))
+            for sample, names in sorted(by_sample.items()):
+                if len(names) > 1:
+                    label = "genuine signature" if kind == "genuine" else "forgery"
+                    notes.append(f"{where}writer {writer}: {label} {sample} has {len(names)} files "
+                                 f"({_listing(sorted(names))}): all kept")
+        genuine = [path for _, path in sorted(kinds["genuine"], key=lambda item: (item[0], _natural_key(item[1])))]
+        forged = [path for _, path in sorted(kinds["forged"], key=lambda item: (item[0], _natural_key(item[1])))]
+        if not genuine:
+            kinds_missing[("forgeries only, no genuine signature",
+                           "left out (every pair needs a genuine reference)")].append(writer)
+            continue
+        if len(genuine) == 1 and not forged:
+            kinds_missing[("one genuine signature and no forgery", "left out (no pair can be made)")].append(writer)
+            continue
+        if not forged:
+            kinds_missing[("no forgeries", "only genuine-genuine pairs are made")].append(writer)
+        elif len(genuine) == 1:
+            kinds_missing[("one genuine signature", "no genuine-genuine pairs, only genuine-forgery pairs")].append(writer)
+        writers[writer] = WriterScans(genuine, forged)
+    for (what, done), listed in kinds_missing.items():
+        notes.append(where + _writer_note(listed, what, done))
+    if found.unmatched:
+        notes.append(f"{where}{len(found.unmatched)} image file(s) follow no {found.naming} name and are ignored: "
+                     f"{_listing(sorted(found.unmatched), 5)}")
+    return writers, notes
+
+
+# ---------------------------------------------------------------------------
+# The layouts
+
+
+def scan_cedar(data_root: str | os.PathLike) -> FoundScans:
+    """A CEDAR root: full_org/original_{w}_{n}.png and full_forg/forgeries_{w}_{n}.png."""
+    root = Path(data_root)
+    if not (root / "full_org").is_dir():
+        raise FileNotFoundError(
+            f"{root / 'full_org'} not found: a CEDAR root holds full_org/original_{{w}}_{{n}}.png and "
+            "full_forg/forgeries_{w}_{n}.png; pass the folder that contains full_org/"
+        )
+    found = FoundScans("original_{w}_{n} / forgeries_{w}_{n}")
+    for folder in ("full_org", "full_forg"):
+        if not (root / folder).is_dir():
+            continue
+        for entry in os.scandir(root / folder):
+            match = CEDAR_NAME.match(entry.name)
+            if match:
+                found.add(match.group(2), match.group(1).lower() == "forgeries", match.group(3), f"{folder}/{entry.name}")
+            else:
+                found.skip(f"{folder}/{entry.name}")
+    if not found.files:
+        raise FileNotFoundError(f"no CEDAR scans (original_{{w}}_{{n}}.png) in {root / 'full_org'}")
+    return found
+
+
+def scan_bhsig(data_root: str | os.PathLike, language: str | None = None) -> tuple[str, FoundScans]:
+    """Language and scans of a BHSig260 language folder: {w}/H-S-{w}-G-{nn}.tif, {w}/H-S-{w}-F-{nn}.tif (B- for Bengali)."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} not found: pass the BHSig260 language folder holding one folder a writer")
+    if language is not None and language.lower() not in BHSIG_LANGUAGES:
+        raise ValueError(f"unknown language {language!r}: choose 'hindi' or 'bengali' ({option('language')})")
+    found = FoundScans("{w}/H-S-{w}-G-{nn} / H-S-{w}-F-{nn}")
+    prefixes = set()
+    for folder in (e for e in os.scandir(root) if e.is_dir()):
+        for entry in os.scandir(folder.path):
+            match = BHSIG_NAME.match(entry.name)
+            if match:
+                prefixes.add(match.group(1).upper())
+                found.add(match.group(2), match.group(3).upper() == "F", match.group(4), f"{folder.name}/{entry.name}")
+            else:
+                found.skip(f"{folder.name}/{entry.name}")
+    if not found.files:
+        languages = [e.name for e in os.scandir(root) if e.is_dir() and e.name.lower() in BHSIG_LANGUAGES]
+        hint = f"; pass {root / languages[0]}" if languages else ""
+        raise FileNotFoundError(f"no BHSig scans ({{w}}/H-S-{{w}}-G-{{nn}}.tif or B-S-...) in {root}{hint}")
+    if len(prefixes) > 1:
+        raise ValueError(f"{root} mixes Hindi (H-) and Bengali (B-) scans: keep one language a folder")
+    found_language = {v: k for k, v in BHSIG_LANGUAGES.items()}[prefixes.pop()]
+    if language is not None and language.lower() != found_language:
+        raise ValueError(f"{root} holds {found_language} scans, not {language}: drop {option('language')} "
+                         "or pass the other language's folder")
+    return found_language, found
+
+
+def scan_gpds(data_root: str | os.PathLike) -> dict[str, FoundScans]:
+    """The scans of each folder split of a GPDS-style root: train/{genuine,forge}/ and test/{subject}/{genuine,forge}/."""
+    root = Path(data_root)
+    folders = {"train": [root / "train"], "test": sorted(p for p in (root / "test").glob("*") if p.is_dir())}
+    if not (root / "train").is_dir() and not folders["test"]:
+        raise FileNotFoundError(
+            f"neither {root / 'train'} nor {root / 'test'} found: a GPDS-style root holds train/genuine/, "
+            "train/forge/ and test/{subject}/genuine/, test/{subject}/forge/"
+        )
+    splits = {}
+    for split, bases in folders.items():
+        found = FoundScans("c-{w}-{nn} / cf-{w}-{nn}")
+        for base in bases:
+            for kind in ("genuine", "forge"):
+                if not (base / kind).is_dir():
+                    continue
+                for entry in os.scandir(base / kind):
+                    relative = Path(entry.path).relative_to(root).as_posix()
+                    match = GPDS_NAME.match(entry.name)
+                    if match:
+                        found.add(match.group(2), kind == "forge", match.group(3), relative)
+                    else:
+                        found.skip(relative)
+        splits[split] = found
+    return splits
+
+
+# ---------------------------------------------------------------------------
+# Splitting writers
+
+
+def split_writers(writers: list[int], n_test: int, n_val: int, rng: np.random.Generator) -> dict[str, list[int]]:
+    """Writers shuffled by `rng` into test, validation and train (each list sorted)."""
+    order = [int(w) for w in rng.permutation(sorted(writers))]
+    return {
+        "train": sorted(order[n_test + n_val:]),
+        "val": sorted(order[n_test:n_test + n_val]),
+        "test": sorted(order[:n_test]),
+    }
+
+
+def split_sizes(n_writers: int, test_ratio: float, val_ratio: float, test_option: str = "test_ratio") -> tuple[int, int]:
+    """Numbers of test and validation writers (at least one for a positive ratio), leaving one or more for training.
+
+    ``test_option`` names the option that sets the test share in messages (CEDAR's is ``train_ratio``).
+    """
+    for name, ratio in ((test_option, test_ratio), ("val_ratio", val_ratio)):
+        if not 0 <= ratio < 1:
+            raise ValueError(f"{option(name)} must be in [0, 1), got {ratio}")
+    n_test = max(round(n_writers * test_ratio), 1) if test_ratio > 0 else 0
+    n_val = max(round(n_writers * val_ratio), 1) if val_ratio > 0 else 0
+    if n_test + n_val >= n_writers:
+        raise ValueError(
+            f"{n_writers} usable writers are too few for {n_test} test and {n_val} validation writers and one "
+            f"for training: lower {option('val_ratio')}"
+            + (f" or {'raise' if test_option == 'train_ratio' else 'lower'} {option(test_option)}" if n_test else "")
+        )
+    return n_test, n_val
