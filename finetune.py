@@ -147,14 +147,21 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Fine-tune head_str on a prepared dataset; resumes from --out unless --no-resume."""
+    """Fine-tune head_str on a prepared dataset; resumes from --out unless --no-resume. Under torchrun, one
+    process a GPU (or CPU processes with gloo), data-parallel, with the result of one process."""
     data_root = Path(args.data_root)
     _require_folder(data_root, args.dataset)
     _require_run_folder(Path(args.out))
+    from module.distributed import leave_process_group
     from training_utils import starting_model_note, train_and_report
 
     config = config_from_args(args, dataset=args.dataset, **_resolved_run_folders(args, data_root, Path(args.out)))
-    result = train_and_report(config, resume=not args.no_resume)
+    try:
+        result = train_and_report(config, resume=not args.no_resume)
+    finally:
+        leave_process_group()
+    if not result.run.group.is_main:  # under torchrun, rank 0 reports
+        return
     metrics = result.metrics
     print(f"\nBest model (epoch {result.run.best_epoch}): validation EER {100 * metrics['val']['eer']:.2f} %, "
           f"test EER {100 * metrics['test']['eer']:.2f} %, test accuracy {100 * metrics['test']['accuracy']:.2f} %.")

@@ -23,7 +23,6 @@ compute_metrics`` keeps working.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +34,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from model_v3 import ViT_for_OSV_DSNet, load_pretrained
 from models.fine_tune_utils import (
     build_optimizer_for_head_only,
     print_trainable_params,
@@ -57,23 +55,32 @@ from module.checkpoint import (
     seed_everything,
     trained_state_keys,
 )
+from module.builders import EVALUATED_SPLITS, build_datasets, build_model, load_trained_model, run_threshold
 from module.config import FinetuneConfig
 from module.evaluation import evaluate_and_report, evaluate_with_references, explain_worst_errors, starting_model_note, validate
 from module.feature_store import resolve_feature_dtype
+from module.distributed import (
+    SINGLE_PROCESS,
+    ProcessGroup,
+    all_reduce_sum,
+    broadcast_from_main,
+    current_group,
+    join_process_group,
+    wrap_for_data_parallel,
+)
+from module.epoch_order import share_weight
 from module.features import (
     CachedPairBatch,
     FeatureCache,
-    amp_enabled,
+    PairDistances,
+    autocast_dtype,
     compute_features,
-    epoch_pair_sample,
+    make_epoch_loader,
     make_pair_loader,
     model_device,
-    pair_distances,
-    pair_labels,
 )
 from module.loss import NonFiniteLossError
-from module.metrics import compute_metrics, compute_writer_metrics, save_metrics_json
-from module.pair_files import PAIR_FILES
+from module.metrics import compute_metrics, compute_writer_metrics, format_metric, save_metrics_json
 from module.plots import (
     plot_explanation,
     plot_roc_curve,
@@ -90,16 +97,13 @@ from module.run_folder import (
     find_latest_checkpoint,
     find_resume_point,
     lock_run_folder,
-    read_run_checkpoint,
-    rebuild_trained_model,
     reload_after_interruption,
+    run_status,
     set_aside_run,
 )
 from module.scheduler import GradualWarmupScheduler
 from module.verifier import Decision, Verifier
 from module.wording import option
-from prepare_datasets import pair_file_fix
-from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
 
 __all__ = [
     # defined here
@@ -127,40 +131,63 @@ def train_one_epoch(
     *,
     device: torch.device | str | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    amp: bool = False,
+    amp: bool | str = False,
     epoch: int | None = None,
     progress: bool = True,
+    step: nn.Module | None = None,
+    shares: Sequence[tuple[Any, int, int]] | None = None,
+    group: ProcessGroup = SINGLE_PROCESS,
 ) -> float:
-    """One pass over ``loader`` (either path, see ``make_pair_loader``) in training mode; returns the mean loss per pair.
+    """One pass over ``loader`` (either path) in training mode; returns the mean loss per pair.
 
     The Sinkhorn runs with its training epsilon (``model.training``). A
     non-finite loss raises ``NonFiniteLossError`` before the optimizer step,
     so the weights never take it in. ``scaler`` (a ``GradScaler``) goes with
-    ``amp`` on CUDA.
+    float16 ``amp`` on CUDA.
+
+    Args:
+        amp: autocast of the backbone on CUDA (``True``, or a ``module.features.AMP_DTYPES`` name).
+        step: the module that gives a batch's distances (``PairDistances(model)``, by default; in
+            DistributedDataParallel under torchrun).
+        shares: for each batch, ``(pair indices, pairs that count, global batch size)`` (the loader's
+            ``EpochSampler.shares()``): each process's loss is weighted by its share of the global batch,
+            so the processes together take the step one process would (``module/epoch_order.py``).
+        group: the processes of a torchrun job; the loss returned is over all of them.
     """
     device = torch.device(device) if device is not None else model_device(model)
+    step = step if step is not None else PairDistances(model)
+    batch_shares = iter(shares) if shares is not None else None
     model.train()
     total_loss, total_pairs = 0.0, 0
     description = f"epoch {epoch} training" if epoch is not None else "training"
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=not progress)
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=not (progress and group.is_main))
     for batch_number, batch in enumerate(bar, start=1):
-        distance, labels = pair_distances(model, batch, device, amp)
+        distance, labels = step(batch, device, amp)
         loss = model.loss_fn(distance, labels)
+        counted, weight = len(labels), 1.0
+        if batch_shares is not None:
+            _, counted, batch_size = next(batch_shares)
+            weight = share_weight(counted, batch_size, group)
         batch_loss = loss.item()
-        if not math.isfinite(batch_loss):
-            raise NonFiniteLossError(f"training loss is {batch_loss} at batch {batch_number} of {len(bar)}"
+        finite = math.isfinite(batch_loss)
+        if group.is_distributed:  # every process stops together, or none does
+            finite = all_reduce_sum([not finite], group, device)[0] == 0
+        if not finite:
+            value = batch_loss if not math.isfinite(batch_loss) else "not finite in another process"
+            raise NonFiniteLossError(f"training loss is {value} at batch {batch_number} of {len(bar)}"
                                      + (f" in epoch {epoch}" if epoch is not None else ""))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(loss * weight).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            (loss * weight).backward()
             optimizer.step()
-        total_loss += batch_loss * len(labels)
-        total_pairs += len(labels)
-        bar.set_postfix(loss=f"{total_loss / total_pairs:.4f}")
+        total_loss += batch_loss * counted
+        total_pairs += counted
+        bar.set_postfix(loss=f"{total_loss / max(total_pairs, 1):.4f}")
+    total_loss, total_pairs = all_reduce_sum([total_loss, total_pairs], group, device)
     if total_pairs == 0:
         raise ValueError("the training loader yielded no pairs")
     return total_loss / total_pairs
@@ -173,17 +200,14 @@ HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_eer", "val_auc", "val_ac
 RESUME_MUST_MATCH = (
     "dataset", "image_size", "fast_head_only", "unfreeze_blocks", "epochs", "batch_size", "lr", "lr_blocks",
     "weight_decay", "warmup_epochs", "warmup_multiplier", "amp", "select_metric", "feature_dtype", "seed",
-    "emd", "dis_type", "mar_type", "gol_dis", "temp", "max_train_pairs_per_epoch",
+    "emd", "dis_type", "mar_type", "gol_dis", "temp", "max_train_pairs_per_epoch", "amp_dtype",
 )
 
 
-def _format_metric(name: str, value: float) -> str:
-    return f"EER {100 * value:.2f}%" if name == "eer" else f"loss {value:.4f}"
-
-
 def _log(message: str) -> None:
-    # tqdm.write prints above running progress bars instead of through them.
-    tqdm.write(message)
+    # tqdm.write prints above running progress bars instead of through them; under torchrun rank 0 speaks.
+    if current_group().is_main:
+        tqdm.write(message)
 
 
 @dataclass
@@ -211,8 +235,8 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: GradualWarmupScheduler
     scaler: torch.amp.GradScaler
-    data_generator: torch.Generator
     device: torch.device
+    group: ProcessGroup = SINGLE_PROCESS
     epoch: int = 0
     history: dict[str, list[Any]] = field(default_factory=lambda: {key: [] for key in HISTORY_KEYS})
     best_metric: float | None = None
@@ -247,7 +271,7 @@ class TrainingRun:
         return save_checkpoint(
             path, model=self.model, epoch=self.epoch, config=self.config, history=self.history,
             optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-            best_metric=self.best_metric, best_epoch=self.best_epoch, data_generator=self.data_generator,
+            best_metric=self.best_metric, best_epoch=self.best_epoch,
             fingerprint=self.frozen_fingerprint or None,
         )
 
@@ -273,7 +297,7 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
             was trained on other frozen weights, or the folder holds checkpoints none of which can be used.
         RunFolderInUse: another process holds the run folder.
     """
-    device = config.resolved_device()
+    group, device = join_process_group(config.resolved_device())  # under torchrun: this process's GPU
     model.to(device)
     setup_head_only_finetune(model)
     # The optimizer's base rates are where the warm-up starts; the scheduler multiplies them up to the peak.
@@ -283,16 +307,18 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
     optimizer = build_optimizer_for_head_only(model, config.lr * start, config.weight_decay, param_groups=block_groups)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs - config.warmup_epochs)
     scheduler = GradualWarmupScheduler(optimizer, config.warmup_multiplier, config.warmup_epochs, after_scheduler=cosine)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_enabled(config.amp, device))
-    run = TrainingRun(config, model, optimizer, scheduler, scaler, torch.Generator().manual_seed(config.seed), device)
+    # float16 needs its gradients scaled; bfloat16 has float32's range and does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(config.autocast, device) == torch.float16)
+    run = TrainingRun(config, model, optimizer, scheduler, scaler, device, group)
     run.frozen_fingerprint = frozen_fingerprint(model, trained_state_keys(model))
 
     with lock_run_folder(config.ckpt_dir):
-        clean_run_folder(config.ckpt_dir)
-        if not resume:
-            archive = set_aside_run(config.ckpt_dir)
+        if group.is_main:
+            clean_run_folder(config.ckpt_dir)
+            archive = set_aside_run(config.ckpt_dir) if not resume else None
             if archive is not None:
                 _log(f"resume=False: the earlier run's checkpoints and report were moved to {archive}")
+        group.barrier()  # every process resumes from what rank 0 left in the folder
         point = find_resume_point(config.ckpt_dir) if resume else None
         if point is None:
             _log(f"new run: checkpoints go to {run.ckpt_dir}")
@@ -301,7 +327,7 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
             run.config = config = dataclasses.replace(config, feature_dtype=point.checkpoint["config"]["feature_dtype"])
         continue_run(run, point, RESUME_MUST_MATCH)
     _log(f"resumed from {point.path} after epoch {run.epoch} of {config.epochs} "
-         f"(best validation {_format_metric(config.select_metric, run.best_metric)} at epoch {run.best_epoch})")
+         f"(best validation {format_metric(config.select_metric, run.best_metric)} at epoch {run.best_epoch})")
     return run
 
 
@@ -356,7 +382,7 @@ def fit(
 
 def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progress: bool,
                           on_epoch_end: Callable[[TrainingRun, dict[str, Any]], None] | None) -> TrainingRun:
-    config, model, device = run.config, run.model, run.device
+    config, model, device, group = run.config, run.model, run.device, run.group
     if run.uncommitted_epoch is not None:
         reload_after_interruption(run, RESUME_MUST_MATCH)
     done = run.stop_reason()
@@ -369,10 +395,12 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
     # A frozen backbone's features go to the feature store (kept across resumes); a training one's change every epoch.
     embedded = [train_set, val_set] if config.fast_head_only else [val_set]
     n_images = len({path for data in embedded for path in data.image_paths()}) if config.feature_dtype == "auto" else 0
-    feature_options = dict(batch_size=config.eval_batch_size, device=device, amp=config.amp,
-                           dtype=resolve_feature_dtype(config.feature_dtype, n_images, config.image_size, _log),
+    # Rank 0's choice: "auto" looks at the RAM available, which differs from process to process.
+    feature_dtype = broadcast_from_main(resolve_feature_dtype(config.feature_dtype, n_images, config.image_size, _log),
+                                        group)
+    feature_options = dict(batch_size=config.eval_batch_size, device=device, amp=config.autocast, dtype=feature_dtype,
                            feature_dir=config.feature_store_dir() if backbone_frozen else "",
-                           num_workers=config.num_workers, progress=progress)
+                           num_workers=config.num_workers, progress=progress, group=group)
     if config.fast_head_only:
         if getattr(train_set, "augment", False):
             _log("fast path: training on cached features of the un-augmented images "
@@ -380,12 +408,11 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
         train_data = compute_features(model, train_set, desc="training set: embedding images", **feature_options)
     else:
         train_data = train_set
-
-    def train_loader(epoch: int) -> Iterable[Any]:
-        sample = epoch_pair_sample(pair_labels(train_data), config.max_train_pairs_per_epoch, config.seed, epoch) \
-            if config.max_train_pairs_per_epoch else None
-        return make_pair_loader(train_data, config.batch_size, shuffle=True, generator=run.data_generator,
-                                num_workers=config.num_workers, pin_memory=device.type == "cuda", pairs=sample)
+    # Each epoch's pairs in one order for all processes, each taking its share of every global batch.
+    train_loader = make_epoch_loader(train_data, config.batch_size, config.seed, group=group,
+                                     max_pairs=config.max_train_pairs_per_epoch, num_workers=config.num_workers,
+                                     pin_memory=device.type == "cuda")
+    step = wrap_for_data_parallel(PairDistances(model), group, device)
 
     # A frozen backbone gives the same validation features every epoch: embed them once.
     val_cache = compute_features(model, val_set, desc="validation set: embedding images", **feature_options) \
@@ -393,8 +420,9 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
 
     def run_validation() -> dict[str, Any]:
         data = val_cache if val_cache is not None else val_set
-        return validate(model, data, device=device, batch_size=config.eval_batch_size, amp=config.amp,
-                        feature_dtype=feature_options["dtype"], num_workers=config.num_workers, progress=progress)[1]
+        return validate(model, data, device=device, batch_size=config.eval_batch_size, amp=config.autocast,
+                        feature_dtype=feature_dtype, num_workers=config.num_workers, progress=progress,
+                        group=group)[1]
 
     if run.epoch == 0 and not run.history.get("epoch"):
         run.uncommitted_epoch = 0
@@ -404,12 +432,11 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
         # Seeded before epoch 0 is saved, so that resuming from it repeats this run exactly; the file also
         # pins the starting weights, whatever happens to the model object in memory afterwards.
         seed_everything(config.seed)
-        run.data_generator.manual_seed(config.seed)
         commit_epoch(run, improved=True)
-        _log(f"before fine-tuning: val loss {metrics['loss']:.4f}  {_format_metric('eer', metrics['eer'])}  "
+        _log(f"before fine-tuning: val loss {metrics['loss']:.4f}  {format_metric('eer', metrics['eer'])}  "
              f"AUC {metrics['auc']:.4f}")
     elif run.pending_rng_state is not None:
-        restore_rng_state(run.pending_rng_state, run.data_generator)
+        restore_rng_state(run.pending_rng_state)
         run.pending_rng_state = None
 
     epoch = run.epoch + 1
@@ -420,8 +447,10 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
             lr = run.optimizer.param_groups[0]["lr"]
             run.uncommitted_epoch = epoch
             try:
-                train_loss = train_one_epoch(model, train_loader(epoch), run.optimizer, device=device, scaler=run.scaler,
-                                             amp=config.amp, epoch=epoch, progress=progress)
+                train_loader.batch_sampler.set_epoch(epoch)
+                train_loss = train_one_epoch(model, train_loader, run.optimizer, device=device, scaler=run.scaler,
+                                             amp=config.autocast, epoch=epoch, progress=progress, step=step,
+                                             shares=train_loader.batch_sampler.shares(), group=group)
                 metrics = run_validation()
             except NonFiniteLossError as error:
                 raise NonFiniteLossError(
@@ -434,7 +463,7 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
             improved = _record(run, epoch, train_loss, lr, metrics, time.perf_counter() - start)
             commit_epoch(run, improved)
             _log(f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f}  val loss {metrics['loss']:.4f}  "
-                 f"{_format_metric('eer', metrics['eer'])}  AUC {metrics['auc']:.4f}  lr {lr:.2e}  "
+                 f"{format_metric('eer', metrics['eer'])}  AUC {metrics['auc']:.4f}  lr {lr:.2e}  "
                  f"{run.history['seconds'][-1]:6.1f} s" + ("  * best" if improved else ""))
             if on_epoch_end is not None:
                 on_epoch_end(run, metrics)
@@ -442,52 +471,12 @@ def _fit_holding_the_lock(run: TrainingRun, train_set: Any, val_set: Any, progre
         _log(f"interrupted during epoch {epoch}; the last checkpoint holds epoch {run.epoch}: "
              "run fit (or train_and_report) again to continue from it")
         raise
-    _log(f"{run.stop_reason()}; best validation {_format_metric(config.select_metric, run.best_metric)} "
+    _log(f"{run.stop_reason()}; best validation {format_metric(config.select_metric, run.best_metric)} "
          f"at epoch {run.best_epoch} ({run.best_checkpoint})")
     return run
 
 
 # --------------------------------------------------------------------------- builders and the pipeline
-
-DATASET_CLASSES = {"cedar": SigDataset_CEDAR_Colab, "gpds": SigDataset_GDPS_Colab, "bhsig": SigDataset_BHSig_Colab}
-EVALUATED_SPLITS = ("val", "test")
-
-
-def build_model(config: FinetuneConfig, pretrained: str | Path | None = None) -> ViT_for_OSV_DSNet:
-    """``ViT_for_OSV_DSNet(config)`` seeded with ``config.seed``, with pretrained weights, on ``config``'s device.
-
-    ``pretrained``: a weights file (``load_pretrained``, ``strict=True``);
-    ``None`` takes ``config.pretrained``; empty means a fresh backbone.
-    """
-    seed_everything(config.seed)
-    model = ViT_for_OSV_DSNet(config)
-    source = pretrained if pretrained is not None else config.pretrained
-    if source:
-        load_pretrained(model, source, strict=True)
-    return model.to(config.resolved_device())
-
-
-def build_datasets(config: FinetuneConfig, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, Any]:
-    """The pair datasets of ``config.dataset`` under ``config.data_root``, one per split.
-
-    Split ``s`` reads ``gray_{s}.txt`` (``module.pair_files.PAIR_FILES``); only
-    ``train`` augments (which the fast path ignores). A missing pair file or
-    image raises the dataset's error, which names the command that makes it.
-    """
-    dataset_class = DATASET_CLASSES[config.dataset]
-    unknown = [split for split in splits if split not in PAIR_FILES]
-    if unknown:
-        raise ValueError(f"unknown split(s) {unknown}: choose from {', '.join(PAIR_FILES)}")
-    missing = [split for split in splits if not (Path(config.data_root) / PAIR_FILES[split]).is_file()]
-    if missing and Path(config.data_root).is_dir():
-        raise FileNotFoundError(f"{', '.join(PAIR_FILES[split] for split in missing)} not found in {config.data_root}. "
-                                f"Fix: {pair_file_fix(config.dataset, config.data_root, missing)}")
-    return {
-        split: dataset_class(None, config.data_root, train=split == "train", image_size=config.image_size,
-                             pair_file=PAIR_FILES[split], augment=split == "train", cache_dir=config.cache_dir or None)
-        for split in splits
-    }
-
 
 def report_run(run: TrainingRun, datasets: Mapping[str, Any], progress: bool = True) -> dict[str, dict[str, Any]]:
     """Load the best epoch into ``run.model`` and write the run folder's reports; returns ``{split: metrics}``.
@@ -559,73 +548,18 @@ def train_and_report(
             _log(f"the backbone is fresh (no {option('pretrained')} weights): its features say little about a writer, "
                  "so fine-tuning the head has little to work with; the authors' weights give it real structure")
         model = model if model is not None else build_model(config)
-        if not (resume and (Path(config.ckpt_dir) / "test_before_metrics.json").is_file()):
+        before = Path(config.ckpt_dir) / "test_before_metrics.json"
+        if current_group().is_main and not (resume and before.is_file()):
             # The starting model on the test split, rebuilt as the run starts (the model given may have trained since).
             evaluate_and_report(build_model(config), datasets["test"], config.ckpt_dir, "test_before", config, progress)
         run = prepare_run(model, config, resume=resume)
         if run.config.feature_dtype == "auto":  # settled once, for the whole run, by the size of its images
             images = len({path for split in datasets.values() for path in split.image_paths()})
-            run.config = dataclasses.replace(run.config, feature_dtype=resolve_feature_dtype(
-                "auto", images, config.image_size, _log))
+            chosen = broadcast_from_main(resolve_feature_dtype("auto", images, config.image_size, _log), run.group)
+            run.config = dataclasses.replace(run.config, feature_dtype=chosen)
         fit(run, datasets["train"], datasets["val"], progress=progress)
+        if not run.group.is_main:  # rank 0 writes the report; the other processes are done
+            return TrainingResult(run, {})
         return TrainingResult(run, report_run(run, datasets, progress))
 
 
-def run_status(ckpt_dir: str | Path) -> str:
-    """One line on where the run in ``ckpt_dir`` stands: new, or the epoch it continues from and its best so far."""
-    latest = find_latest_checkpoint(ckpt_dir)
-    if latest is None:
-        return f"new run: nothing to resume in {ckpt_dir}"
-    checkpoint = read_checkpoint(latest)
-    config = checkpoint["config"]
-    return (f"{checkpoint['epoch']} of {config['epochs']} epochs done ({latest.name}); best validation "
-            f"{_format_metric(config['select_metric'], checkpoint['best_metric'])} at epoch {checkpoint['best_epoch']}")
-
-
-def _best_checkpoint_of(run: str | Path) -> Path:
-    """``best.pt`` of a run folder, or the checkpoint file given."""
-    path = Path(run)
-    checkpoint = path / BEST_CHECKPOINT if path.is_dir() else path
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint} not found. Fix: give the folder of a trained run (it holds "
-                                f"{BEST_CHECKPOINT}), e.g. the run folder of `python finetune.py train`.")
-    return checkpoint
-
-
-def load_trained_model(run: str | Path) -> tuple[FinetuneConfig, ViT_for_OSV_DSNet]:
-    """A trained run's settings and best model (eval mode, on the run's device), from its run folder alone.
-
-    ``run`` is a run folder (its ``best.pt`` is read) or a checkpoint file;
-    the returned ``config.ckpt_dir`` is the folder it is in now (a run folder
-    may have been copied off Drive since it was trained). A checkpoint holds
-    only what trained; the frozen weights come from ``best_weights.pth``
-    beside it (the whole best model, so a copied run folder is
-    self-contained), else from the run's pretrained weights or its seeded
-    fresh backbone, whichever has the checkpoint's fingerprint.
-
-    Raises:
-        CheckpointError: the checkpoint is damaged (the message says how to make ``best.pt`` again),
-            unreadable, or its frozen weights are found nowhere (``RunFolderError``).
-    """
-    checkpoint_path = _best_checkpoint_of(run)
-    checkpoint = read_run_checkpoint(checkpoint_path)
-    config = FinetuneConfig.from_dict(checkpoint["config"])
-    config = dataclasses.replace(config, ckpt_dir=str(checkpoint_path.parent.absolute()))
-    best_weights = checkpoint_path.parent / BEST_WEIGHTS
-    base = f"the run's pretrained weights {config.pretrained}" if config.pretrained else \
-        f"a fresh backbone seeded with {config.seed}"
-    base_weights = [(str(best_weights), lambda: build_model(config, best_weights)), (base, lambda: build_model(config))]
-    return config, rebuild_trained_model(checkpoint, checkpoint_path, base_weights).eval()
-
-
-def run_threshold(run: str | Path) -> tuple[float, str]:
-    """``(threshold, where it comes from)``: the validation EER threshold of a run (the test one when there is no
-    validation split), read from the ``{split}_metrics.json`` beside its checkpoint.
-    """
-    folder = _best_checkpoint_of(run).parent
-    for split in EVALUATED_SPLITS:
-        metrics_file = folder / f"{split}_metrics.json"
-        if metrics_file.is_file():
-            return float(json.loads(metrics_file.read_text())["threshold"]), f"EER threshold of {metrics_file}"
-    raise FileNotFoundError(f"no val_metrics.json or test_metrics.json in {folder}. Fix: evaluate the run first "
-                            "(`python finetune.py evaluate --run ...`), or give a threshold.")

@@ -69,7 +69,8 @@ def one_size(n_images: int, image_size: int, epoch_pairs: int, work: Path) -> di
 
     from model_v3 import ViT_for_OSV_DSNet
     from prepare_datasets import generate_gdps_pairs, make_synthetic_dataset
-    from training_utils import FinetuneConfig, compute_features, epoch_pair_sample, make_pair_loader
+    from module.features import make_epoch_loader
+    from training_utils import FinetuneConfig, compute_features
     from training_utils import setup_head_only_finetune, train_one_epoch
     from models.fine_tune_utils import build_optimizer_for_head_only
     from sig_dataloader_colab import SigDataset_GDPS_Colab
@@ -109,9 +110,9 @@ def one_size(n_images: int, image_size: int, epoch_pairs: int, work: Path) -> di
     optimizer = build_optimizer_for_head_only(model, 1e-4)
 
     def epoch():
-        sample = epoch_pair_sample(train_cache.labels.reshape(-1).numpy(), epoch_pairs, 42, 1)
-        loader = make_pair_loader(train_cache, 32, shuffle=True, generator=torch.Generator().manual_seed(0), pairs=sample)
-        return train_one_epoch(model, loader, optimizer, progress=False), len(loader.sampler)
+        loader = make_epoch_loader(train_cache, 32, 42, max_pairs=epoch_pairs)
+        pairs = sum(counted for _, counted, _ in loader.batch_sampler.shares())
+        return train_one_epoch(model, loader, optimizer, progress=False), pairs
 
     _, results["epoch_pairs"] = measure("epoch", results, epoch)
     return results

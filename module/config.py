@@ -66,7 +66,9 @@ class FinetuneConfig:
     weight_decay: float = _setting(1e-4, "AdamW weight decay (biases and 1-D parameters get none)")
     warmup_epochs: int = _setting(1, "epochs of linear warm-up before the cosine")
     warmup_multiplier: float = _setting(4.0, "the warm-up starts at lr / warmup_multiplier (1: from 0)")
-    amp: bool = _setting(False, "float16 autocast for the backbone on CUDA; the EMD stays float64")
+    amp: bool = _setting(False, "mixed precision (autocast) for the backbone on CUDA; the EMD stays float64")
+    amp_dtype: str = _setting("float16", "the autocast dtype: float16 (with a gradient scaler) or bfloat16 (no scaler "
+                                         "needed; Ampere and newer GPUs)", ("float16", "bfloat16"))
     # model selection and early stopping, on the validation set
     select_metric: str = _setting("eer", "validation figure that picks the best epoch (lower is better)", ("eer", "loss"))
     patience: int = _setting(5, "stop after this many epochs without a better validation figure")
@@ -171,16 +173,25 @@ class FinetuneConfig:
         return self.feature_dir or os.path.join(self.ckpt_dir, "features")
 
     def resolved_device(self) -> torch.device:
-        """``device`` with ``auto`` resolved to CUDA when available, else CPU.
+        """``device`` with ``auto`` resolved to CUDA when available, else CPU; under torchrun ``auto`` and
+        ``cuda`` are this process's GPU, ``cuda:LOCAL_RANK``.
 
         Raises:
             ValueError: CUDA was asked for and this machine has none.
         """
         import torch
 
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was asked for, but this machine has no CUDA GPU; "
                              "use device 'auto' or 'cpu'")
+        if self.device == "auto" and not torch.cuda.is_available():
+            return torch.device("cpu")
+        if self.device in ("auto", "cuda"):
+            under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if under_torchrun else None)
         return torch.device(self.device)
+
+    @property
+    def autocast(self) -> bool | str:
+        """What ``amp`` arguments take: ``False``, or the autocast dtype's name (CUDA only; see ``module.features``)."""
+        return self.amp_dtype if self.amp else False

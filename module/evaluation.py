@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from module.checkpoint import BEST_CHECKPOINT, read_checkpoint
 from module.config import FinetuneConfig
-from module.features import FeatureCache, compute_features, make_pair_loader, model_device, pair_distances
+from module.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
+from module.epoch_order import share
+from module.features import FeatureCache, compute_features, model_device, pair_distances
 from module.loss import NonFiniteLossError
 from module.metrics import (AGGREGATES, compute_metrics, compute_writer_metrics, save_metrics_json,
                             save_per_writer_csv)
@@ -44,12 +46,13 @@ def validate(
     *,
     device: torch.device | str | None = None,
     batch_size: int = 64,
-    amp: bool = False,
+    amp: bool | str = False,
     feature_dtype: str | torch.dtype = "float32",
     feature_dir: str | Path = "",
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "validation",
+    group: ProcessGroup = SINGLE_PROCESS,
 ) -> tuple[float, dict[str, Any]]:
     """Loss and metrics of ``model`` (eval mode, Sinkhorn eval epsilon) on a set of pairs.
 
@@ -57,6 +60,9 @@ def validate(
         data: a pair dataset (each distinct image is embedded once, then the
             pairs are compared), a ``FeatureCache`` of one, or a ``DataLoader``
             of image pairs (the per-pair path: two backbone passes per pair).
+        amp: autocast of the backbone on CUDA (``True``, or an ``AMP_DTYPES`` name).
+        group: the processes of a torchrun job: each compares its share of the
+            pairs (of a dataset or cache), and every process gets all the distances.
 
     Returns:
         ``(loss, metrics)``: the mean loss per pair, and ``compute_metrics``'
@@ -64,30 +70,33 @@ def validate(
     """
     device = torch.device(device) if device is not None else model_device(model)
     if isinstance(data, DataLoader):
-        loader = data
+        loader, mine, total = data, None, None
     else:
         cache = data if isinstance(data, FeatureCache) else compute_features(
             model, data, batch_size=batch_size, device=device, dtype=feature_dtype, feature_dir=feature_dir,
-            amp=amp, num_workers=num_workers, progress=progress, desc=f"{desc}: embedding images")
-        loader = make_pair_loader(cache, batch_size, shuffle=False)
-    distances, labels = [], []
-    total_loss = 0.0
+            amp=amp, num_workers=num_workers, progress=progress, desc=f"{desc}: embedding images", group=group)
+        mine, total = share(np.arange(len(cache)), group), len(cache)
+        loader = DataLoader(cache, batch_size=batch_size, sampler=mine.tolist(), collate_fn=cache.collate)
+    distances, labels = [torch.empty(0, dtype=torch.float64)], [torch.empty(0)]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+            for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not (progress and group.is_main)):
                 distance, label = pair_distances(model, batch, device, amp)
-                total_loss += model.loss_fn(distance, label).item() * len(label)
                 distances.append(distance.detach().double().cpu().reshape(-1))
                 labels.append(label.cpu().reshape(-1))
+            all_distances, all_labels = torch.cat(distances), torch.cat(labels)
+            if mine is not None and group.is_distributed:
+                all_distances = gather_in_order(all_distances, mine, total, group)
+                all_labels = gather_in_order(all_labels, mine, total, group)
+            if not len(all_distances):
+                raise ValueError("validation got no pairs")
+            # From every pair's distance at once: the same number whatever the batches or the processes were.
+            loss = model.loss_fn(all_distances.reshape(-1, 1), all_labels.double().reshape(-1, 1)).item()
     finally:
         model.train(was_training)
-    if not distances:
-        raise ValueError("validation got no pairs")
-    all_distances = torch.cat(distances).numpy()
-    all_labels = torch.cat(labels).numpy().astype(np.int64)
-    loss = total_loss / len(all_labels)
+    all_distances, all_labels = all_distances.numpy(), all_labels.numpy().astype(np.int64)
     if not math.isfinite(loss):
         bad = int((~np.isfinite(all_distances)).sum())
         raise NonFiniteLossError(f"{desc} loss is {loss}: {bad} of {len(all_distances)} distances are NaN or infinite")
@@ -142,7 +151,7 @@ def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: 
     (``compute_writer_metrics``' dict, or ``None``). Runs on the model's device.
     """
     out_dir = Path(out_dir)
-    _, metrics = validate(model, data, batch_size=config.eval_batch_size, amp=config.amp,
+    _, metrics = validate(model, data, batch_size=config.eval_batch_size, amp=config.autocast,
                           feature_dtype=config.feature_dtype, feature_dir=config.feature_store_dir(),
                           num_workers=config.num_workers, progress=progress, desc=name)
     metrics["writer_level"] = writer_metrics_of(data, metrics["distances"], metrics["labels"])
@@ -247,13 +256,13 @@ def evaluate_with_references(model: nn.Module, data: Any, references: int, confi
                          "signatures (or their file names follow no known layout): use fewer references")
     cache = data if isinstance(data, FeatureCache) else compute_features(
         model, data, batch_size=config.eval_batch_size, dtype=config.feature_dtype,
-        feature_dir=config.feature_store_dir(), amp=config.amp, num_workers=config.num_workers, progress=progress,
+        feature_dir=config.feature_store_dir(), amp=config.autocast, num_workers=config.num_workers, progress=progress,
         desc="embedding images")
     row_of = {path: row for row, path in enumerate(cache.paths)}
     pair_rows = torch.tensor([[row_of[ref], row_of[query]] for refs, query, _, _ in trials for ref in refs])
     labels = torch.tensor([[float(kind == "genuine")] for _, _, _, kind in trials for _ in range(references)])
     trial_cache = FeatureCache(cache.paths, cache.tokens, cache.kept, pair_rows, labels)
-    _, pair_metrics = validate(model, trial_cache, batch_size=config.eval_batch_size, amp=config.amp,
+    _, pair_metrics = validate(model, trial_cache, batch_size=config.eval_batch_size, amp=config.autocast,
                                progress=progress, desc=f"{references} references a query")
     distances = getattr(np, aggregate)(pair_metrics["distances"].reshape(len(trials), references), axis=1)
     metrics = compute_writer_metrics(distances, [writer for _, _, writer, _ in trials], [kind for *_, kind in trials])

@@ -123,11 +123,11 @@ class FeatureStore:
         self.dtype = np.dtype(key["dtype"])
 
     @staticmethod
-    def key_for(model: nn.Module, image_size: int, dtype: str, mode: str, autocast: bool) -> dict[str, Any]:
+    def key_for(model: nn.Module, image_size: int, dtype: str, mode: str, autocast: bool | str) -> dict[str, Any]:
         """The key of features from ``model``'s backbone (``model.model``) at ``image_size`` in ``dtype``."""
         backbone = getattr(model, "model", model)
         return {"backbone": weights_fingerprint(backbone.state_dict()), "image_size": int(image_size), "dtype": dtype,
-                "preprocessing": CACHE_VERSION, "mode": mode, "autocast": bool(autocast), "format": STORE_FORMAT}
+                "preprocessing": CACHE_VERSION, "mode": mode, "autocast": autocast, "format": STORE_FORMAT}
 
     # ------------------------------------------------------------------ reading
 

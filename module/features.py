@@ -6,23 +6,27 @@ dataset once (or finds it in the persistent feature store,
 module/feature_store.py), and each epoch runs only ``model.compare`` on the
 features. ``make_pair_loader`` builds the loader of either path: over a
 ``FeatureCache`` (batches of ``CachedPairBatch``) or over a pair dataset
-(batches of images, two backbone passes a pair); ``epoch_pair_sample``
-draws an epoch's share of the pairs when an epoch over all of them is too long.
+(batches of images, two backbone passes a pair); ``make_epoch_loader`` is the
+training loop's, in the order of ``module/epoch_order.py``. Under torchrun the
+processes share the embedding: each embeds its share of the images.
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, SubsetRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from model_v3 import TokenFeatures
+from module.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
+from module.epoch_order import EpochSampler, SeededItems, share
 from module.feature_store import (
     CHUNK_BYTES,
     RAM_SHARE,
@@ -36,9 +40,13 @@ from module.feature_store import (
 )
 
 __all__ = [
-    "CachedPairBatch", "FeatureCache", "amp_enabled", "compute_features", "epoch_pair_sample", "make_pair_loader",
-    "model_device", "pair_distances", "pair_labels",
+    "AMP_DTYPES", "CachedPairBatch", "FeatureCache", "PairDistances", "autocast", "autocast_dtype", "compute_features",
+    "make_epoch_loader", "make_pair_loader", "model_device", "pair_distances", "pair_labels",
 ]
+
+# Mixed precision for the backbone on CUDA: float16 (needs a gradient scaler), or bfloat16 (the range of
+# float32, so no scaler; Ampere and newer GPUs). The EMD always runs in float64.
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CachedPairBatch(NamedTuple):
@@ -137,9 +145,18 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
-def amp_enabled(amp: bool, device: torch.device) -> bool:
-    """Whether ``amp`` takes effect on ``device``: mixed precision is for CUDA, on the CPU it only slows the backbone."""
-    return amp and device.type == "cuda"
+def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The backbone's autocast dtype: ``None`` (full precision) unless ``amp`` and CUDA; ``amp`` is ``True``
+    (float16), or an ``AMP_DTYPES`` name. On the CPU mixed precision would only slow the backbone."""
+    if not amp or device.type != "cuda":
+        return None
+    return AMP_DTYPES["float16" if amp is True else amp]
+
+
+def autocast(device: torch.device, amp: bool | str) -> AbstractContextManager:
+    """``torch.autocast`` of the backbone for ``autocast_dtype(amp, device)`` (off when that is ``None``)."""
+    dtype = autocast_dtype(amp, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def pair_labels(data: Any) -> np.ndarray:
@@ -167,7 +184,7 @@ def _pair_arrays(dataset: Any, paths: list[str]) -> tuple[torch.Tensor, torch.Te
 
 
 def _embedded_batches(model: nn.Module, dataset: Any, paths: list[str], batch_size: int, device: torch.device,
-                      storage_dtype: torch.dtype, autocast: bool, num_workers: int, progress: bool, desc: str
+                      storage_dtype: torch.dtype, amp: bool | str, num_workers: int, progress: bool, desc: str
                       ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """``(paths, tokens [b, N, 384] in storage_dtype, kept [b, N])`` on the CPU, batch by batch, in eval mode."""
     loader = DataLoader(
@@ -178,7 +195,7 @@ def _embedded_batches(model: nn.Module, dataset: Any, paths: list[str], batch_si
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+        with torch.no_grad(), autocast(device, amp):
             for start, images in zip(range(0, len(paths), batch_size),
                                      tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
                 features = model.embed(images.to(device, non_blocking=True))
@@ -195,11 +212,12 @@ def compute_features(
     device: torch.device | str | None = None,
     dtype: str | torch.dtype = "float32",
     feature_dir: str | Path = "",
-    amp: bool = False,
+    amp: bool | str = False,
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "embedding images",
     chunk_images: int | None = None,
+    group: ProcessGroup = SINGLE_PROCESS,
 ) -> FeatureCache:
     """The backbone features of each distinct image of ``dataset`` (batched, eval mode, no augmentation), as a ``FeatureCache``.
 
@@ -215,10 +233,12 @@ def compute_features(
             feature store there (module/feature_store.py): images it holds are not embedded again, the
             others are added in atomically committed chunks; the features are then read into RAM, or
             memory-mapped when they would take more than ``RAM_SHARE`` of the RAM available.
-        amp: run the backbone under float16 autocast (CUDA only).
+        amp: run the backbone under autocast on CUDA: ``True`` (float16) or an ``AMP_DTYPES`` name.
         num_workers: image-loading worker processes.
         progress: progress bars, and a line on what the store held and where the features are.
         chunk_images: images a store chunk (default: about ``CHUNK_BYTES`` of tokens).
+        group: the processes of a torchrun job: each embeds its share of the images (into the store,
+            or gathered by every process in RAM); every process returns the whole cache.
 
     Size: ``M * N * 384 * (4 or 2)`` bytes; ``N = (S / 32)^2`` (49 at 224
     pixels: 75 KB an image in float32).
@@ -227,30 +247,28 @@ def compute_features(
     if not paths or not len(dataset):
         raise ValueError(f"{type(dataset).__name__} has no pairs to embed")
     pair_rows, labels = _pair_arrays(dataset, paths)
-    log = tqdm.write if progress else None
+    log = tqdm.write if progress and group.is_main else None
     image_size = int(dataset.image_size)
     dtype_name = resolve_feature_dtype(dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
                                        len(paths), image_size, log)
     storage_dtype = _torch_dtype(dtype_name)
     device = torch.device(device) if device is not None else model_device(model)
-    embedding = dict(batch_size=batch_size, device=device, storage_dtype=storage_dtype,
-                     autocast=amp_enabled(amp, device), num_workers=num_workers, progress=progress, desc=desc)
+    embedding = dict(batch_size=batch_size, device=device, storage_dtype=storage_dtype, amp=amp,
+                     num_workers=num_workers, progress=progress and group.is_main, desc=desc)
 
     if not feature_dir:
-        tokens = kept = None
-        written = 0
-        for _, batch_tokens, batch_kept in _embedded_batches(model, dataset, paths, **embedding):
-            if tokens is None:
-                tokens = torch.empty((len(paths), *batch_tokens.shape[1:]), dtype=storage_dtype)
-                kept = torch.zeros((len(paths), batch_kept.shape[1]), dtype=torch.bool)
-            tokens[written:written + len(batch_tokens)] = batch_tokens
-            kept[written:written + len(batch_tokens)] = batch_kept
-            written += len(batch_tokens)
+        mine = share(np.arange(len(paths)), group)
+        batches = list(_embedded_batches(model, dataset, [paths[i] for i in mine], **embedding))
+        tokens = gather_in_order(torch.cat([batch_tokens for _, batch_tokens, _ in batches]), mine, len(paths), group)
+        kept = gather_in_order(torch.cat([batch_kept for _, _, batch_kept in batches]), mine, len(paths), group)
         return FeatureCache(paths, tokens, kept, pair_rows, labels, embedded=len(paths))
 
+    autocast_name = str(autocast_dtype(amp, device) or "").removeprefix("torch.") or False
     store = FeatureStore(feature_dir, FeatureStore.key_for(model, image_size, dtype_name,
-                                                           getattr(dataset, "mode", "normalized"), embedding["autocast"]))
-    store.prepare()
+                                                           getattr(dataset, "mode", "normalized"), autocast_name))
+    if group.is_main:
+        store.prepare()
+    group.barrier()
     places, chunks = store.lookup(paths)
     missing = [path for path, place in zip(paths, places) if place is None]
     if log is not None:
@@ -259,12 +277,14 @@ def compute_features(
     if missing:
         per_chunk = chunk_images or max(1, CHUNK_BYTES // feature_bytes(1, image_size, dtype_name))
         pending: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
-        for batch in _embedded_batches(model, dataset, missing, **embedding):
+        mine = [missing[i] for i in share(np.arange(len(missing)), group)]
+        for batch in _embedded_batches(model, dataset, mine, **embedding):
             pending.append(batch)
             while sum(len(paths_) for paths_, _, _ in pending) >= per_chunk:
                 pending = _commit(store, pending, per_chunk)
         if pending:
             _commit(store, pending, None)
+        group.barrier()  # every process's chunks are committed
         places, chunks = store.lookup(paths)
         changed = [path for path, place in zip(paths, places) if place is None]
         if changed:
@@ -307,44 +327,40 @@ def make_pair_loader(
     generator: torch.Generator | None = None,
     num_workers: int = 0,
     pin_memory: bool = False,
-    pairs: np.ndarray | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` of pairs: over a ``FeatureCache`` (fast path) or a pair dataset (per-pair path).
 
-    ``generator`` orders the pairs and seeds the workers; its state is saved
-    in checkpoints. ``pairs``: only these pair indices (``epoch_pair_sample``),
-    in an order drawn by ``generator``. Batches are ``CachedPairBatch`` (fast
-    path) or ``(pairs [B, 2, S, S], labels [B, 1, 1])`` (per-pair path).
+    ``generator`` orders the pairs and seeds the workers. Batches are
+    ``CachedPairBatch`` (fast path) or ``(pairs [B, 2, S, S], labels [B, 1, 1])``
+    (per-pair path). The training loop uses ``make_epoch_loader`` instead.
     """
     generator = generator if generator is not None else torch.Generator()
-    order: dict[str, Any] = {"shuffle": shuffle}
-    if pairs is not None:
-        order = {"sampler": SubsetRandomSampler(pairs.tolist(), generator=generator)}
     if isinstance(data, FeatureCache):
-        return DataLoader(data, batch_size=batch_size, generator=generator, collate_fn=data.collate, **order)
-    return DataLoader(data, batch_size=batch_size, generator=generator, num_workers=num_workers,
-                      worker_init_fn=_seed_worker, pin_memory=pin_memory, **order)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=data.collate)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+                      worker_init_fn=_seed_worker, pin_memory=pin_memory)
 
 
-def epoch_pair_sample(labels: np.ndarray, max_pairs: int, seed: int, epoch: int) -> np.ndarray | None:
-    """The pair indices an epoch trains on when there are more than ``max_pairs`` (``None``: all of them).
+def make_epoch_loader(data: Dataset, batch_size: int, seed: int, *, group: ProcessGroup = SINGLE_PROCESS,
+                      max_pairs: int = 0, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The training loop's loader: this process's share of each global batch, in the epoch's order.
 
-    A fresh sample each epoch, without replacement, that keeps the
-    genuine/forgery ratio of ``labels`` (``[P]``); it depends only on
-    ``seed`` and ``epoch``, so a resumed run draws the same pairs. Sorted.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch; its
+    ``shares()`` are the loss weights (``module/epoch_order.py``). Over a
+    pair dataset each pair's augmentation is seeded by the pair and the
+    epoch, whichever process or worker loads it.
     """
-    if max_pairs <= 0 or max_pairs >= len(labels):
-        return None
-    rng = np.random.default_rng([seed, epoch])
-    genuine = np.flatnonzero(labels == 1)
-    forged = np.flatnonzero(labels != 1)
-    n_genuine = round(max_pairs * len(genuine) / len(labels))
-    chosen = np.concatenate([rng.choice(genuine, n_genuine, replace=False),
-                             rng.choice(forged, max_pairs - n_genuine, replace=False)])
-    return np.sort(chosen)
+    fast = isinstance(data, FeatureCache)
+    sampler = EpochSampler(len(data), batch_size, seed, group, max_pairs=max_pairs,
+                           labels=pair_labels(data) if max_pairs else None, with_seeds=not fast)
+    if fast:
+        return DataLoader(data, batch_sampler=sampler, collate_fn=data.collate)
+    return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator())  # the loader's own seed is not drawn from the global generator
 
 
-def pair_distances(model: nn.Module, batch: Any, device: torch.device, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_distances(model: nn.Module, batch: Any, device: torch.device, amp: bool | str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(distance [B, 1], labels [B, 1])`` of a batch from either path.
 
     The per-pair path computes what ``model.forward`` does: two backbone
@@ -355,7 +371,21 @@ def pair_distances(model: nn.Module, batch: Any, device: torch.device, amp: bool
         return distance, batch.labels.to(device)
     pairs, labels = batch
     pairs = pairs.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp_enabled(amp, device)):
+    with autocast(device, amp):
         ref, query = model.embed(pairs[:, 0:1]), model.embed(pairs[:, 1:2])
     distance = model.compare(ref, query)
     return distance, labels.reshape(-1, 1).to(device, torch.float32)
+
+
+class PairDistances(nn.Module):
+    """``pair_distances`` of a model as a module, which DistributedDataParallel can wrap for the training step.
+
+    ``forward(batch, device, amp) -> (distance [B, 1], labels [B, 1])``, either path's batch.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any, device: torch.device, amp: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_distances(self.model, batch, device, amp)

@@ -51,7 +51,9 @@ from module.checkpoint import (
     read_checkpoint,
     recorded_checksum,
 )
+from module.distributed import current_group
 from module.io import remove_temporary_files
+from module.metrics import format_metric
 
 try:
     import fcntl
@@ -62,7 +64,7 @@ __all__ = [
     "BEST_WEIGHTS", "LOCK_FILE", "REPORT_FILES", "ResumePoint", "RunFolderError", "RunFolderInUse",
     "clean_run_folder", "commit_epoch", "continue_run", "find_latest_checkpoint", "find_resume_point",
     "lock_run_folder", "prune_checkpoints", "read_run_checkpoint", "rebuild_trained_model",
-    "reload_after_interruption", "set_aside_run", "sync_best_checkpoint",
+    "reload_after_interruption", "run_status", "set_aside_run", "sync_best_checkpoint",
 ]
 
 LOCK_FILE = ".lock"
@@ -167,7 +169,8 @@ def lock_run_folder(folder: str | Path) -> Iterator[Path]:
     claim from another machine is refused with how to remove it.
 
     Re-entrant within a process (``train_and_report`` holds it while
-    ``prepare_run``, ``fit`` and ``report_run`` take it again). Yields the folder.
+    ``prepare_run``, ``fit`` and ``report_run`` take it again). Under
+    torchrun rank 0 holds it for the job. Yields the folder.
 
     Raises:
         RunFolderInUse: ``{folder} is in use by process {pid}``.
@@ -176,6 +179,9 @@ def lock_run_folder(folder: str | Path) -> Iterator[Path]:
     folder = Path(folder).absolute()
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder: give the run a folder (created when missing)")
+    if not current_group().is_main:  # under torchrun rank 0 holds the lock and writes; the others only read
+        yield folder
+        return
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     with _held_guard:
@@ -323,6 +329,17 @@ def find_latest_checkpoint(directory: str | Path) -> Path | None:
     return point.path if point is not None else None
 
 
+def run_status(ckpt_dir: str | Path) -> str:
+    """One line on where the run in ``ckpt_dir`` stands: new, or the epoch it continues from and its best so far."""
+    latest = find_latest_checkpoint(ckpt_dir)
+    if latest is None:
+        return f"new run: nothing to resume in {ckpt_dir}"
+    checkpoint = read_checkpoint(latest)
+    config = checkpoint["config"]
+    return (f"{checkpoint['epoch']} of {config['epochs']} epochs done ({latest.name}); best validation "
+            f"{format_metric(config['select_metric'], checkpoint['best_metric'])} at epoch {checkpoint['best_epoch']}")
+
+
 def sync_best_checkpoint(folder: str | Path, best_source: str | Path) -> bool:
     """Make ``best.pt`` a verified copy of ``best_source`` (the best epoch's checkpoint); True when it was written.
 
@@ -417,6 +434,8 @@ def continue_run(run: Any, point: ResumePoint, must_match: Sequence[str]) -> Non
     run.best_source, run.resumed_from = point.best_source, point.path
     run.pending_rng_state = checkpoint["rng_state"]
     run.uncommitted_epoch = None
+    if not current_group().is_main:
+        return
     if sync_best_checkpoint(run.ckpt_dir, point.best_source):
         tqdm.write(f"{run.ckpt_dir / BEST_CHECKPOINT} made again from {point.best_source.name} "
                    "(it was missing, stale or damaged)")
@@ -445,13 +464,19 @@ def reload_after_interruption(run: Any, must_match: Sequence[str]) -> None:
 
 
 def commit_epoch(run: Any, improved: bool) -> Path:
-    """Write the epoch's checkpoint (the commit), then make ``best.pt`` and the retention follow it; returns its path."""
-    path = run.save(epoch_checkpoint_path(run.ckpt_dir, run.epoch))
+    """Write the epoch's checkpoint (the commit), then make ``best.pt`` and the retention follow it; returns its path.
+
+    Under torchrun only rank 0 writes; the others keep the same account of the run.
+    """
+    path = epoch_checkpoint_path(run.ckpt_dir, run.epoch)
+    if current_group().is_main:
+        run.save(path)
     run.uncommitted_epoch = None
     if improved or run.best_source is None:
         run.best_source = path if improved else epoch_checkpoint_path(run.ckpt_dir, run.best_epoch)
-    sync_best_checkpoint(run.ckpt_dir, run.best_source)
-    prune_checkpoints(run.ckpt_dir, run.config.keep_last, [run.best_epoch], current_epoch=run.epoch)
+    if current_group().is_main:
+        sync_best_checkpoint(run.ckpt_dir, run.best_source)
+        prune_checkpoints(run.ckpt_dir, run.config.keep_last, [run.best_epoch], current_epoch=run.epoch)
     return path
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from model_v3 import Explanation, TokenFeatures, ViT_for_OSV_DSNet, load_pretrained
+from module.builders import load_trained_model, run_threshold
 from module.features import model_device
 from module.metrics import AGGREGATES
 from module.plots import plot_explanation
@@ -81,7 +82,6 @@ class Verifier:
     @classmethod
     def from_run(cls, run: str | Path, *, threshold: float | None = None, aggregate: str = "mean") -> "Verifier":
         """The best model of a run folder (or checkpoint file) and its validation EER threshold (or ``threshold``)."""
-        from training_utils import load_trained_model, run_threshold  # training_utils re-exports this module
 
         source = "threshold="
         if threshold is None:  # read first: a run never evaluated fails before the model is loaded

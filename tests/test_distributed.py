@@ -1,4 +1,4 @@
-"""Data parallelism: the pieces that make the result independent of the number of processes."""
+"""The epoch order and its shares: the pieces that make the result independent of the number of processes."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,15 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from module.distributed import (
-    EpochSampler,
-    ProcessGroup,
-    SeededItems,
-    epoch_batches,
-    gather_in_order,
-    item_seed,
-    share_weight,
-)
+from module.distributed import ProcessGroup, gather_in_order
+from module.epoch_order import EpochSampler, SeededItems, epoch_batches, item_seed, share_weight
 
 
 def test_one_order_an_epoch_cut_into_global_batches() -> None:
@@ -45,6 +38,19 @@ def test_the_processes_shares_make_up_each_global_batch_and_their_weights_sum_to
         assert sum(weights) / world_size == pytest.approx(1.0)  # DistributedDataParallel averages over processes
         assert all(len(indices) >= 1 for indices, _, _ in counted), "every process takes part in every step"
     assert [len(list(sampler)) for sampler in samplers] == [len(global_batches)] * world_size
+
+
+def test_an_epoch_sample_is_drawn_in_the_same_order_by_any_number_of_processes() -> None:
+    labels = np.array([1] * 30 + [0] * 70)
+    alone = EpochSampler(100, 8, seed=2, max_pairs=20, labels=labels)
+    pair = [EpochSampler(100, 8, seed=2, group=ProcessGroup(rank, 2), max_pairs=20, labels=labels) for rank in range(2)]
+    for sampler in (alone, *pair):
+        sampler.set_epoch(3)
+    together = [index for batches in zip(*pair) for batch in batches for index in batch]
+    assert together == [index for batch in alone for index in batch]
+    assert len(together) == 20 and sum(labels[together]) == 6  # the class ratio kept
+    alone.set_epoch(4)
+    assert sorted(index for batch in alone for index in batch) != sorted(together)  # a fresh sample each epoch
 
 
 def test_item_seeds_are_stable_and_distinct() -> None:

@@ -313,7 +313,7 @@ def test_a_fresh_sample_of_pairs_each_epoch_is_drawn_again_on_resume(corpus: str
     sampled: list[list[int]] = []
 
     def recording(model, loader, *args, **kwargs):
-        sampled.append(sorted(loader.sampler.indices))
+        sampled.append(sorted(index for batch in loader.batch_sampler for index in batch))
         return train_one_epoch(model, loader, *args, **kwargs)
 
     monkeypatch.setattr(training_utils, "train_one_epoch", recording)

@@ -1,0 +1,113 @@
+"""Building what a run needs from its settings, and rebuilding a trained run from its folder.
+
+``build_model`` and ``build_datasets`` turn a ``FinetuneConfig`` into the
+model and the pair datasets; ``load_trained_model`` and ``run_threshold``
+read a finished run folder back (what ``evaluate``, ``verify`` and the
+``Verifier`` use).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from model_v3 import ViT_for_OSV_DSNet, load_pretrained
+from module.checkpoint import BEST_CHECKPOINT, seed_everything
+from module.config import FinetuneConfig
+from module.pair_files import PAIR_FILES
+from module.run_folder import BEST_WEIGHTS, read_run_checkpoint, rebuild_trained_model
+from prepare_datasets import pair_file_fix
+from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
+
+__all__ = ["DATASET_CLASSES", "EVALUATED_SPLITS", "build_datasets", "build_model", "load_trained_model", "run_threshold"]
+
+DATASET_CLASSES = {"cedar": SigDataset_CEDAR_Colab, "gpds": SigDataset_GDPS_Colab, "bhsig": SigDataset_BHSig_Colab}
+# The splits a run is reported on; the first one that has metrics gives a run's threshold.
+EVALUATED_SPLITS = ("val", "test")
+
+
+def build_model(config: FinetuneConfig, pretrained: str | Path | None = None) -> ViT_for_OSV_DSNet:
+    """``ViT_for_OSV_DSNet(config)`` seeded with ``config.seed``, with pretrained weights, on ``config``'s device.
+
+    ``pretrained``: a weights file (``load_pretrained``, ``strict=True``);
+    ``None`` takes ``config.pretrained``; empty means a fresh backbone.
+    """
+    seed_everything(config.seed)
+    model = ViT_for_OSV_DSNet(config)
+    source = pretrained if pretrained is not None else config.pretrained
+    if source:
+        load_pretrained(model, source, strict=True)
+    return model.to(config.resolved_device())
+
+
+def build_datasets(config: FinetuneConfig, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, Any]:
+    """The pair datasets of ``config.dataset`` under ``config.data_root``, one per split.
+
+    Split ``s`` reads ``gray_{s}.txt`` (``module.pair_files.PAIR_FILES``); only
+    ``train`` augments (which the fast path ignores). A missing pair file or
+    image raises the dataset's error, which names the command that makes it.
+    """
+    dataset_class = DATASET_CLASSES[config.dataset]
+    unknown = [split for split in splits if split not in PAIR_FILES]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}: choose from {', '.join(PAIR_FILES)}")
+    missing = [split for split in splits if not (Path(config.data_root) / PAIR_FILES[split]).is_file()]
+    if missing and Path(config.data_root).is_dir():
+        raise FileNotFoundError(f"{', '.join(PAIR_FILES[split] for split in missing)} not found in {config.data_root}. "
+                                f"Fix: {pair_file_fix(config.dataset, config.data_root, missing)}")
+    return {
+        split: dataset_class(None, config.data_root, train=split == "train", image_size=config.image_size,
+                             pair_file=PAIR_FILES[split], augment=split == "train", cache_dir=config.cache_dir or None)
+        for split in splits
+    }
+
+
+def _best_checkpoint_of(run: str | Path) -> Path:
+    """``best.pt`` of a run folder, or the checkpoint file given."""
+    path = Path(run)
+    checkpoint = path / BEST_CHECKPOINT if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint} not found. Fix: give the folder of a trained run (it holds "
+                                f"{BEST_CHECKPOINT}), e.g. the run folder of `python finetune.py train`.")
+    return checkpoint
+
+
+def load_trained_model(run: str | Path) -> tuple[FinetuneConfig, ViT_for_OSV_DSNet]:
+    """A trained run's settings and best model (eval mode, on the run's device), from its run folder alone.
+
+    ``run`` is a run folder (its ``best.pt`` is read) or a checkpoint file;
+    the returned ``config.ckpt_dir`` is the folder it is in now (a run folder
+    may have been copied off Drive since it was trained). A checkpoint holds
+    only what trained; the frozen weights come from ``best_weights.pth``
+    beside it (the whole best model, so a copied run folder is
+    self-contained), else from the run's pretrained weights or its seeded
+    fresh backbone, whichever has the checkpoint's fingerprint.
+
+    Raises:
+        CheckpointError: the checkpoint is damaged (the message says how to make ``best.pt`` again),
+            unreadable, or its frozen weights are found nowhere (``RunFolderError``).
+    """
+    checkpoint_path = _best_checkpoint_of(run)
+    checkpoint = read_run_checkpoint(checkpoint_path)
+    config = FinetuneConfig.from_dict(checkpoint["config"])
+    config = dataclasses.replace(config, ckpt_dir=str(checkpoint_path.parent.absolute()))
+    best_weights = checkpoint_path.parent / BEST_WEIGHTS
+    base = f"the run's pretrained weights {config.pretrained}" if config.pretrained else \
+        f"a fresh backbone seeded with {config.seed}"
+    base_weights = [(str(best_weights), lambda: build_model(config, best_weights)), (base, lambda: build_model(config))]
+    return config, rebuild_trained_model(checkpoint, checkpoint_path, base_weights).eval()
+
+
+def run_threshold(run: str | Path) -> tuple[float, str]:
+    """``(threshold, where it comes from)``: the validation EER threshold of a run (the test one when there is no
+    validation split), read from the ``{split}_metrics.json`` beside its checkpoint.
+    """
+    folder = _best_checkpoint_of(run).parent
+    for split in EVALUATED_SPLITS:
+        metrics_file = folder / f"{split}_metrics.json"
+        if metrics_file.is_file():
+            return float(json.loads(metrics_file.read_text())["threshold"]), f"EER threshold of {metrics_file}"
+    raise FileNotFoundError(f"no val_metrics.json or test_metrics.json in {folder}. Fix: evaluate the run first "
+                            "(`python finetune.py evaluate --run ...`), or give a threshold.")
