@@ -107,9 +107,10 @@ from module.wording import option
 
 __all__ = [
     # defined here
-    "TrainingRun", "TrainingResult", "prepare_run", "fit", "train_one_epoch", "HISTORY_KEYS",
-    "build_model", "build_datasets", "report_run", "train_and_report", "run_status", "load_trained_model", "run_threshold",
+    "TrainingRun", "TrainingResult", "prepare_run", "fit", "train_one_epoch", "HISTORY_KEYS", "report_run",
+    "train_and_report",
     # re-exported, so that notebooks import from one place
+    "build_model", "build_datasets", "run_status", "load_trained_model", "run_threshold",
     "FinetuneConfig", "validate", "evaluate_and_report", "starting_model_note", "evaluate_with_references",
     "explain_worst_errors", "NonFiniteLossError", "Verifier", "Decision",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",

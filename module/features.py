@@ -150,7 +150,11 @@ def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
     (float16), or an ``AMP_DTYPES`` name. On the CPU mixed precision would only slow the backbone."""
     if not amp or device.type != "cuda":
         return None
-    return AMP_DTYPES["float16" if amp is True else amp]
+    dtype = AMP_DTYPES["float16" if amp is True else amp]
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"amp_dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic "
+                         "(Ampere and newer GPUs have it; Colab's T4 does not): use amp_dtype=float16")
+    return dtype
 
 
 def autocast(device: torch.device, amp: bool | str) -> AbstractContextManager:

@@ -91,3 +91,17 @@ def test_seeded_items_draw_the_same_augmentation_in_any_process_or_worker() -> N
 def test_gather_in_order_alone() -> None:
     values = torch.tensor([[3.0], [1.0], [2.0]])
     assert gather_in_order(values, np.array([2, 0, 1]), 3, ProcessGroup()).view(-1).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_autocast_dtype_is_cuda_only_and_bfloat16_only_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from module.features import autocast_dtype
+
+    cuda = torch.device("cuda")
+    assert autocast_dtype("bfloat16", torch.device("cpu")) is None and autocast_dtype(False, cuda) is None
+    assert autocast_dtype(True, cuda) == autocast_dtype("float16", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype("bfloat16", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match="Tesla T4 has no bfloat16.*use amp_dtype=float16"):
+        autocast_dtype("bfloat16", cuda)

@@ -89,7 +89,7 @@ def test_parameters_cell_first_then_the_ten_parts() -> None:
     names: dict = {}
     exec(cells[0].source, names)  # plain assignments only
     for name in ("DATASET", "DATA_ROOT", "PRETRAINED", "GDRIVE_IDS", "CKPT_DIR", "EPOCHS", "BATCH_SIZE", "LR",
-                 "WARMUP_EPOCHS", "PATIENCE", "FAST_HEAD_ONLY", "IMAGE_SIZE", "SEED", "DEMO", "AMP", "NUM_WORKERS",
+                 "WARMUP_EPOCHS", "PATIENCE", "FAST_HEAD_ONLY", "IMAGE_SIZE", "SEED", "DEMO", "AMP", "AMP_DTYPE", "NUM_WORKERS",
                  "FEATURE_DTYPE", "FEATURE_DIR", "UNFREEZE_BLOCKS"):
         assert name in names, name
     from training_utils import FinetuneConfig

@@ -98,6 +98,18 @@ def interrupt_after(epoch: int):
 
 # --------------------------------------------------------------------------- configuration
 
+def test_the_seed_projects_names_still_import_from_training_utils() -> None:
+    import training_utils
+
+    seed_names = ["FinetuneConfig", "train_one_epoch", "validate", "prepare_run", "fit", "build_model",
+                  "build_datasets", "evaluate_and_report", "compute_metrics", "save_checkpoint", "load_checkpoint",
+                  "find_latest_checkpoint", "export_state_dict", "compute_features", "FeatureCache",
+                  "make_pair_loader", "save_metrics_json", "plot_training_history", "plot_roc_curve",
+                  "plot_score_distribution", "seed_everything", "setup_head_only_finetune"]
+    assert set(seed_names) <= set(training_utils.__all__)
+    assert all(callable(getattr(training_utils, name)) for name in training_utils.__all__ if name != "HISTORY_KEYS")
+
+
 def test_config_roundtrip_and_clear_errors() -> None:
     config = FinetuneConfig(epochs=7, gol_dis="cos")
     assert FinetuneConfig.from_dict(config.to_dict()) == config

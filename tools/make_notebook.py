@@ -48,7 +48,8 @@ FAST_HEAD_ONLY: bool = True     # True: each image through the backbone once, th
                                 # False: every pair through the backbone every epoch, with augmentation (slow)
 UNFREEZE_BLOCKS: int = 0        # also train the backbone's last N blocks (needs FAST_HEAD_ONLY = False)
 IMAGE_SIZE: int = 224           # model input side, a multiple of 32
-AMP: bool = True                # float16 autocast for the backbone on a GPU (ignored on a CPU); the EMD stays float64
+AMP: bool = True                # autocast for the backbone on a GPU (ignored on a CPU); the EMD stays float64
+AMP_DTYPE: str = "float16"      # float16 (with a gradient scaler; every GPU) or bfloat16 (no scaler; A100, L4, H100)
 NUM_WORKERS: int = 2            # image-loading processes
 MAX_TRAIN_PAIRS_PER_EPOCH: int = 0  # each epoch a fresh sample of at most this many training pairs (0: all; GPDS: e.g. 200000)
 FEATURE_DTYPE: str = "auto"     # stored backbone features: auto (float16 when float32 would crowd the RAM), float32, float16

@@ -1,0 +1,111 @@
+"""torchrun with 2 CPU processes (gloo) gives the result of 1 process, and resumes after a kill.
+
+Small on purpose (64 px, a tiny corpus, 2 epochs): each command is a real
+``finetune.py train``, one started by ``python``, the others by ``torchrun``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from module.checkpoint import read_torch_file
+from prepare_datasets import ensure_pair_files, make_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+# The default peak lr: Adam turns the float-order noise of a near-zero gradient into a step of up to lr, so the
+# 1 vs 2 process difference grows with it (6.7e-6 at lr 4e-3, 6.8e-7 at 4e-4, against weights that move 4e-3).
+TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "8", "--lr", "4e-4", "--warmup-epochs", "0",
+            "--device", "cpu", "--keep-last", "3", "--num-workers", "0"]
+
+
+def train(corpus: Path, out: Path, *options: str, processes: int = 1, wait: bool = True):
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [*launcher, str(ROOT / "finetune.py"), "train", "cedar", str(corpus), "--out", str(out), *TRAINING,
+               *options]
+    # OMP_NUM_THREADS=1 as torchrun sets it, so that one process and two use the same kernels.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def epochs_of(run: Path) -> list[dict]:
+    return [read_torch_file(run / f"epoch_{epoch:04d}.pt") for epoch in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 writers: 3 train (72 pairs), 1 validation, 2 test."""
+    root = tmp_path_factory.mktemp("cedar")
+    make_synthetic_dataset(root, "cedar", n_writers=6, n_genuine=4, n_forged=4, seed=2, image_size=96, progress=False)
+    ensure_pair_files("cedar", root, val_ratio=0.2, random_state=1, train_ratio=0.67)
+    return root
+
+
+@pytest.mark.parametrize("path", ["--per-pair", "--fast-head-only"])
+def test_two_processes_train_as_one(corpus: Path, tmp_path: Path, path: str) -> None:
+    """The per-pair path with augmentation (each pair's augmentation seeded by the pair and the epoch), and the
+    fast path (the embedding shared between the processes): the same weights to within float summation order,
+    the same validation EER every epoch."""
+    alone = train(corpus, tmp_path / "one", path)
+    together = train(corpus, tmp_path / "two", path, processes=2)
+    assert "Best model" in alone.stdout and together.stdout.count("Best model") == 1  # rank 0 reports
+    for one, two in zip(epochs_of(tmp_path / "one"), epochs_of(tmp_path / "two")):
+        for key, tensor in one["trained_state_dict"].items():
+            torch.testing.assert_close(two["trained_state_dict"][key], tensor, rtol=0, atol=1e-5)
+        assert two["history"]["val_eer"] == one["history"]["val_eer"]
+        assert two["history"]["train_loss"][1:] == pytest.approx(one["history"]["train_loss"][1:], rel=1e-6)
+        assert {**two["config"], "ckpt_dir": ""} == {**one["config"], "ckpt_dir": ""}
+    assert 0 < epochs_of(tmp_path / "one")[1]["history"]["val_eer"][-1] < 1, "a validation set that can tell"
+    start = read_torch_file(tmp_path / "one" / "epoch_0000.pt")["trained_state_dict"]
+    end = epochs_of(tmp_path / "one")[1]["trained_state_dict"]
+    assert all((end[key] - start[key]).abs().max() > 1e-3 for key in end), "the weights must move well past 1e-5"
+
+
+def workers_of(job: subprocess.Popen) -> dict[int, int]:
+    """``{rank: pid}`` of torchrun's worker processes (its children; Linux's ``/proc``)."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == job.pid:
+                environment = (entry / "environ").read_bytes().split(b"\0")
+                ranks[int(next(v for v in environment if v.startswith(b"RANK="))[5:])] = int(entry.name)
+        except (OSError, ValueError, StopIteration):
+            continue  # not a process, gone meanwhile, or not a worker
+    return ranks
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_result(corpus: Path, tmp_path: Path) -> None:
+    """Rank 1 killed during epoch 2: torchrun ends the job with an error; the same command resumes after epoch 1
+    and ends where an uninterrupted run ends, bit for bit."""
+    whole = tmp_path / "whole"
+    train(corpus, whole, "--per-pair", processes=2)
+
+    parts = tmp_path / "parts"
+    job = train(corpus, parts, "--per-pair", processes=2, wait=False)
+    deadline = time.monotonic() + 300
+    while not (parts / "epoch_0001.pt").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before it could be killed"
+    os.kill(workers_of(job)[1], signal.SIGKILL)
+    assert job.wait(timeout=120) != 0, "a job that lost a rank must fail"
+    assert not (parts / "epoch_0002.pt").exists()
+
+    resumed = train(corpus, parts, "--per-pair", processes=2)
+    assert "after epoch 1 of 2" in resumed.stdout
+    for expected, got in zip(epochs_of(whole), epochs_of(parts)):
+        assert all(torch.equal(got["trained_state_dict"][key], value)
+                   for key, value in expected["trained_state_dict"].items())
+        assert got["history"]["val_eer"] == expected["history"]["val_eer"]
