@@ -112,14 +112,12 @@ def gather_in_order(values: torch.Tensor, indices: np.ndarray, total: int, group
     Returns:
         ``[total, ...]`` on the CPU.
     """
-    if not group.is_distributed:
-        ordered = torch.empty((total, *values.shape[1:]), dtype=values.dtype)
-        ordered[torch.as_tensor(indices)] = values.cpu()
-        return ordered
-    gathered: list[Any] = [None] * group.world_size
-    dist.all_gather_object(gathered, (np.asarray(indices), values.cpu()))
+    parts: list[Any] = [(np.asarray(indices), values.cpu())]
+    if group.is_distributed:
+        parts = [None] * group.world_size
+        dist.all_gather_object(parts, (np.asarray(indices), values.cpu()))
     ordered = torch.empty((total, *values.shape[1:]), dtype=values.dtype)
-    for part_indices, part_values in gathered:
+    for part_indices, part_values in parts:
         ordered[torch.as_tensor(part_indices)] = part_values
     return ordered
 

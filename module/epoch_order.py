@@ -100,33 +100,30 @@ class EpochSampler(Sampler[list[Any]]):
             raise ValueError("an epoch sample of max_pairs pairs keeps the class ratio: give the pairs' labels")
         self.n_pairs, self.batch_size, self.seed, self.group = n_pairs, batch_size, seed, group
         self.max_pairs, self.labels, self.with_seeds = max_pairs, labels, with_seeds
-        self.epoch = 1
+        self.set_epoch(1)
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw ``epoch``'s order, once: ``shares``, ``__iter__`` and ``__len__`` read it."""
         self.epoch = epoch
-
-    def _pairs(self) -> int | np.ndarray:
-        sample = epoch_pair_sample(self.labels, self.max_pairs, self.seed, self.epoch) if self.max_pairs else None
-        return self.n_pairs if sample is None else sample
+        sample = epoch_pair_sample(self.labels, self.max_pairs, self.seed, epoch) if self.max_pairs else None
+        self._shares = []
+        for batch in epoch_batches(self.n_pairs if sample is None else sample, self.batch_size, self.seed, epoch):
+            mine = share(batch, self.group)
+            self._shares.append((mine, len(mine), len(batch)) if len(mine) else (batch[:1], 0, len(batch)))
 
     def shares(self) -> list[tuple[np.ndarray, int, int]]:
         """``(pair indices to load, pairs that count, global batch size)`` for each global batch of the epoch."""
-        result = []
-        for batch in epoch_batches(self._pairs(), self.batch_size, self.seed, self.epoch):
-            mine = share(batch, self.group)
-            result.append((mine, len(mine), len(batch)) if len(mine) else (batch[:1], 0, len(batch)))
-        return result
+        return self._shares
 
     def __iter__(self) -> Iterator[list[Any]]:
-        for indices, _, _ in self.shares():
+        for indices, _, _ in self._shares:
             if self.with_seeds:
                 yield [(int(index), item_seed(self.seed, self.epoch, int(index))) for index in indices]
             else:
                 yield [int(index) for index in indices]
 
     def __len__(self) -> int:
-        pairs = self._pairs()
-        return -(-(pairs if isinstance(pairs, int) else len(pairs)) // self.batch_size)
+        return len(self._shares)
 
 
 class SeededItems(Dataset):
