@@ -28,6 +28,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from models.errors import InputError
+from module.core.wording import option
+
 COLAB_DRIVE_MOUNT = Path("/content/drive")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 # Import names differ from distribution names for a few requirements.
@@ -35,7 +38,7 @@ IMPORT_NAME_OF = {"scikit-image": "skimage", "scikit-learn": "sklearn", "pillow"
 DRIVE_ID_PATTERN = re.compile(r"^[-\w]{20,}$")
 
 
-class DownloadFailed(RuntimeError):
+class DownloadFailed(InputError):
     """A file could not be fetched; the message says which file, why, and what to do."""
 
 
@@ -43,7 +46,7 @@ class ChecksumMismatch(DownloadFailed):
     """A downloaded file's MD5 differs from the expected one (the file was removed)."""
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(InputError):
     """An archive member would land outside the extraction folder (or is a device/link)."""
 
 
@@ -129,9 +132,10 @@ def resolve_notebook_setup(
     """
     demo = not dataset if demo is None else bool(demo)
     if not demo and not dataset:
-        raise ValueError("DATASET is empty and DEMO is False. Fix: set DATASET to 'cedar', 'gpds' or 'bhsig', or DEMO = True.")
+        raise InputError(f"{option('dataset')} is empty and {option('demo')} is False. Fix: set {option('dataset')} to "
+                         f"'cedar', 'gpds' or 'bhsig', or {option('demo', True)}.")
     if not demo and not data_root:
-        raise ValueError(f"DATA_ROOT is empty. Fix: set it to the {dataset} dataset's root folder.")
+        raise InputError(f"{option('data_root')} is empty. Fix: set it to the {dataset} dataset's root folder.")
     demo_settings = dict(demo_settings or {})
     run_name = "demo" if demo else dataset.lower()
     return NotebookSetup(
@@ -389,8 +393,8 @@ def parse_download_items(spec: Mapping[str, str | Mapping[str, str]]) -> list[Do
         elif isinstance(value, Mapping) and "id" in value:
             items.append(DownloadItem(filename, value["id"], value.get("md5")))
         else:
-            raise ValueError(
-                f"GDRIVE_IDS['{filename}'] = {value!r} is not understood. "
+            raise InputError(
+                f"{option('gdrive_ids')}['{filename}'] = {value!r} is not understood. "
                 "Fix: give a Drive file id or URL, or {'id': ..., 'md5': ...}."
             )
     return items
@@ -428,7 +432,7 @@ def resolve_pretrained(pretrained: str | Path | None, download_dir: Path | str) 
     file_id = drive_file_id(text)
     if file_id is None and "://" not in text:
         raise FileNotFoundError(
-            f"PRETRAINED = '{text}' is neither an existing file nor a Google Drive file id. "
+            f"{option('pretrained', text)} is neither an existing file nor a Google Drive file id. "
             "Fix: give the path of a .pth file, a Drive file id, or leave it empty for a fresh backbone."
         )
     name = f"pretrained_{file_id}.pth" if file_id else Path(text.split("?", 1)[0]).name or "pretrained.pth"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import linecache
 import math
 import sys
 import time
@@ -25,9 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily below, so that --help and bad paths answer without loading torch
-    from module.config import FinetuneConfig
+    from module.run.config import FinetuneConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parent
 # Settings the subcommands take as positionals or under other names, or fix themselves.
 POSITIONAL_SETTINGS = ("dataset", "data_root")
 OUT_SETTING = "ckpt_dir"  # --out
@@ -44,7 +42,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
     """
     import dataclasses
 
-    from module.config import FinetuneConfig
+    from module.run.config import FinetuneConfig
 
     defaults = defaults or {}
     types = FinetuneConfig.setting_types()
@@ -70,7 +68,7 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> FinetuneConfig:
     """The ``FinetuneConfig`` of parsed options: every field from its option, except those in ``fixed``."""
     import dataclasses
 
-    from module.config import FinetuneConfig
+    from module.run.config import FinetuneConfig
 
     values = {setting.name: getattr(args, setting.name) for setting in dataclasses.fields(FinetuneConfig)
               if setting.name not in fixed}
@@ -92,13 +90,17 @@ def _require_folder(path: Path, what: str) -> None:
 
 def _require_run_folder(out: Path) -> None:
     """--out must be a folder or not exist yet: checked before any work."""
+    from module.core.wording import option
+
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a folder. Fix: give --out a folder (created when missing).")
+        raise NotADirectoryError(f"{option('ckpt_dir', out)} is a file, not a folder. Fix: give {option('ckpt_dir')} "
+                                 "a folder (created when missing).")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthetic corpus, pair files, fine-tuning on the fast path, evaluation before and after."""
-    from prepare_datasets import ensure_pair_files, ensure_synthetic_dataset
+    from module.data.prepare import ensure_pair_files
+    from synthetic_signatures import ensure_synthetic_dataset
     from training_utils import train_and_report
 
     start = time.perf_counter()
@@ -129,20 +131,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Write (or check and keep) the train/val/test pair files of a dataset root, then check them: lines, images
     (present, and their headers decode), duplicates, writers shared between the files."""
-    from module.pair_options import PAIR_OPTIONS, pair_options_of
-    from prepare_datasets import ensure_pair_files, validate_pair_file
+    from models.errors import InputError
+    from module.data.datasets import DATASETS
+    from module.data.prepare import ensure_pair_files, pair_options_of
+    from module.data.validation import validate_pair_file
 
     data_root = Path(args.data_root).absolute()
     _require_folder(data_root, args.dataset)
     files = ensure_pair_files(args.dataset, data_root, val_ratio=args.val_ratio, random_state=args.random_state,
                               random_forgeries=args.random_forgeries,
-                              **pair_options_of(args, list(PAIR_OPTIONS))).values()
+                              **pair_options_of(args, list(DATASETS))).values()
     reports = [validate_pair_file(data_root, path, [other for other in files if other != path]) for path in files]
     print("\n".join(report.summary() for report in reports))
     if not all(report.ok for report in reports):
         shared = any(any(report.shared_writers.values()) for report in reports)
         fix = "--resplit splits the writers afresh" if shared and args.dataset == "gpds" else "see --help for the options"
-        raise ValueError(f"the pair files in {data_root} have the problems listed above: fix the scans or the options "
+        raise InputError(f"the pair files in {data_root} have the problems listed above: fix the scans or the options "
                          f"({fix})")
 
 
@@ -152,8 +156,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     data_root = Path(args.data_root)
     _require_folder(data_root, args.dataset)
     _require_run_folder(Path(args.out))
-    from module.distributed import leave_process_group
-    from training_utils import starting_model_note, train_and_report
+    from module.core.distributed import leave_process_group
+    from module.evaluation.reports import starting_model_note
+    from training_utils import train_and_report
 
     config = config_from_args(args, dataset=args.dataset, **_resolved_run_folders(args, data_root, Path(args.out)))
     try:
@@ -176,10 +181,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     writer-level figures, or with --references K the way a bank verifies (each query against K references)."""
     import dataclasses
 
-    from module.evaluation import evaluate_with_references
-    from module.metrics import save_metrics_json
-    from prepare_datasets import ensure_test_pair_file
-    from training_utils import build_datasets, evaluate_and_report, load_trained_model
+    from module.data.prepare import ensure_test_pair_file
+    from module.evaluation.metrics import save_metrics_json
+    from module.evaluation.reports import evaluate_and_report
+    from module.evaluation.validation import evaluate_with_references
+    from module.run.trained import build_datasets, load_trained_model
 
     config, model = load_trained_model(args.run)
     dataset = args.dataset or config.dataset
@@ -220,15 +226,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> None:
     """Is QUERY by the writer of the REF scans? Each reference's distance, their aggregate and the decision at the
     run's EER threshold (genuine when the aggregate is at or below it)."""
-    from module.evaluation import starting_model_note
+    from models.errors import InputError
+    from module.evaluation.reports import starting_model_note
     from module.verifier import Verifier
 
     if len(args.scans) < 2:
-        raise ValueError("verify needs at least one REF scan and the QUERY scan: finetune.py verify REF [REF ...] QUERY")
+        raise InputError("verify needs at least one REF scan and the QUERY scan: finetune.py verify REF [REF ...] QUERY")
     *references, query = args.scans
     verifier = Verifier.from_run(args.run, threshold=args.threshold, aggregate=args.aggregate)
-    if args.threshold is not None:
-        verifier.threshold_source = "--threshold"
     if args.explain:
         decision, _ = verifier.explain(query, references=references, figure=args.explain)
     else:
@@ -248,18 +253,19 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from module.config import FinetuneConfig
-    from module.pair_options import PAIR_OPTIONS, add_pair_options
+    from module.data.datasets import DATASETS
+    from module.data.prepare import add_pair_options
+    from module.run.config import FinetuneConfig
 
     parser = argparse.ArgumentParser(
         prog="finetune.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False,
     )
     parser.add_argument("--debug", action="store_true", help="on an error, print the whole traceback")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     datasets = FinetuneConfig.__dataclass_fields__["dataset"].metadata["choices"]
 
-    demo = commands.add_parser("demo", help="synthetic corpus, fine-tune, evaluate: a few minutes on a CPU",
+    demo = commands.add_parser("demo", allow_abbrev=False, help="synthetic corpus, fine-tune, evaluate: a few minutes on a CPU",
                                description=cmd_demo.__doc__)
     demo.add_argument("--out", default="runs/demo", help="run folder; the corpus goes to OUT/data (default %(default)s)")
     demo.add_argument("--writers", type=int, default=12, help="synthetic writers (default %(default)s)")
@@ -270,14 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(demo, skip=(*POSITIONAL_SETTINGS, OUT_SETTING), defaults=DEMO_DEFAULTS)
     demo.set_defaults(handler=cmd_demo)
 
-    prepare = commands.add_parser("prepare", help="write the train/val/test pair files of a dataset",
+    prepare = commands.add_parser("prepare", allow_abbrev=False, help="write the train/val/test pair files of a dataset",
                                   description=cmd_prepare.__doc__)
     prepare.add_argument("dataset", choices=datasets)
     prepare.add_argument("data_root", help="the dataset's root (CEDAR: the folder holding full_org/ and full_forg/)")
-    add_pair_options(prepare, PAIR_OPTIONS, val_ratio=0.1)
+    add_pair_options(prepare, list(DATASETS), val_ratio=0.1)
     prepare.set_defaults(handler=cmd_prepare)
 
-    train = commands.add_parser("train", help="fine-tune head_str; resumes from --out", description=cmd_train.__doc__)
+    train = commands.add_parser("train", allow_abbrev=False, help="fine-tune head_str; resumes from --out",
+                                description=cmd_train.__doc__)
     train.add_argument("dataset", choices=datasets)
     train.add_argument("data_root", help="the dataset's root, with pair files from `prepare`")
     train.add_argument("--out", required=True, help="run folder: checkpoints, metrics JSON, plots")
@@ -285,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(train, skip=(*POSITIONAL_SETTINGS, OUT_SETTING))
     train.set_defaults(handler=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="metrics and plots of a run's best model", description=cmd_evaluate.__doc__)
+    evaluate = commands.add_parser("evaluate", allow_abbrev=False, help="metrics and plots of a run's best model",
+                                   description=cmd_evaluate.__doc__)
     evaluate.add_argument("--run", required=True, help="run folder (holds best.pt) or a checkpoint file")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="default %(default)s")
     evaluate.add_argument("--dataset", choices=datasets, default=None, help="another dataset (default: the run's)")
@@ -298,12 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --references: how the K distances combine (default %(default)s)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
-    verify = commands.add_parser("verify", help="is QUERY by the writer of the REF scans? distances and decision",
+    verify = commands.add_parser("verify", allow_abbrev=False,
+                                 help="is QUERY by the writer of the REF scans? distances and decision",
                                  description=cmd_verify.__doc__, usage="%(prog)s REF [REF ...] QUERY --run RUN [options]")
     verify.add_argument("scans", nargs="+", metavar="REF [REF ...] QUERY",
                         help="genuine signatures of the claimed writer, then the scan to check")
     verify.add_argument("--run", required=True, help="run folder (holds best.pt and val_metrics.json) or a checkpoint file")
-    verify.add_argument("--threshold", type=float, default=None, help="distance threshold (default: the run's validation EER threshold)")
+    verify.add_argument("--threshold", type=float, default=None,
+                        help="distance threshold (default: the run's validation EER threshold)")
     verify.add_argument("--aggregate", choices=("mean", "min", "max"), default="mean",
                         help="how the distances to several references combine (default %(default)s)")
     verify.add_argument("--json", action="store_true", help="print one JSON object: distances, distance, threshold, genuine")
@@ -313,58 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raised_by_this_project(error: BaseException) -> bool:
-    """True when a ``raise`` statement in this project's code raised ``error``: a check of the user's input.
-
-    A library's error (numpy's, torch's, even one called from our code) ends
-    its traceback elsewhere, or on a line that is a call rather than a ``raise``.
-    """
-    traceback = error.__traceback__
-    if traceback is None:
-        return False
-    while traceback.tb_next is not None:
-        traceback = traceback.tb_next
-    source = Path(traceback.tb_frame.f_code.co_filename).resolve()
-    if not source.is_relative_to(PROJECT_ROOT) or {"site-packages", "dist-packages"} & set(source.parts):
-        return False
-    return linecache.getline(str(source), traceback.tb_lineno).lstrip().startswith("raise")
-
-
-def _is_bad_input(error: BaseException) -> bool:
-    """True for errors about the user's files, settings or machine; False for bugs, which keep their traceback.
-
-    Any ``OSError`` (a missing file, a full disk) and this project's own
-    error types are bad input; a ``ValueError`` is when this project raised
-    it (its checks of settings and files), not when a library did.
-    """
-    from downloads import DownloadFailed
-    from module.checkpoint import CheckpointError, CheckpointMismatchError
-    from module.loss import NonFiniteLossError
-    from module.pair_files import PairFileError
-    from module.preprocess import BlankScanError
-
-    if isinstance(error, (OSError, CheckpointError, CheckpointMismatchError, DownloadFailed, NonFiniteLossError,
-                          PairFileError, BlankScanError)):
-        return True
-    return isinstance(error, ValueError) and _raised_by_this_project(error)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The helpers' warnings (a skipped corrupt checkpoint, rewritten pair files) read best as one plain line.
     warnings.formatwarning = lambda message, category, *location: f"warning: {message}\n"
-    from module.wording import command_line
+    from models.errors import InputError
+    from module.core.wording import command_line
 
     try:
         with command_line("finetune.py"):  # messages name this command's flags
             args.handler(args)
-    except Exception as error:
-        if args.debug or not _is_bad_input(error):
+    except (InputError, OSError) as error:  # the user's input or machine; anything else is a bug: its traceback
+        if args.debug:
             raise
-        # Helpers write several lines for people, in Python's words where they name a fix; a command line wants
-        # one, in its own words (flags) where the error has them.
-        message = getattr(error, "command_line_message", None) or str(error)
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        # Helpers write several lines for people; a command line wants one.
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished epochs are saved; run the same command again to continue.", file=sys.stderr)

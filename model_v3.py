@@ -24,14 +24,15 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import trunc_normal_
+from torch import nn
 
-from models.dsnet import DSNet
+from models.dsnet.dsnet import DSNet
 from models.emd import pairwise_cost, sinkhorn_emd, sinkhorn_plan
+from models.errors import InputError
 from models.fine_tune_utils import FrozenModulesStayInEval
-from module.checkpoint import CheckpointMismatchError, load_state_dict_checked, read_torch_file
-from module.loss import ContrastiveLoss
+from models.loss import ContrastiveLoss
+from models.weights import CheckpointError, CheckpointMismatchError, load_state_dict_checked, read_torch_file
 
 __all__ = [
     "ViT_for_OSV_DSNet",
@@ -64,11 +65,11 @@ def read_model_options(opt: Any = None) -> dict[str, Any]:
     options["emd"] = bool(options["emd"])
     options["temp"] = float(options["temp"])
     if options["dis_type"] not in ("cos", "l2"):
-        raise ValueError(f"dis_type must be 'cos' or 'l2', got {options['dis_type']!r}")
+        raise InputError(f"dis_type must be 'cos' or 'l2', got {options['dis_type']!r}")
     if options["gol_dis"] not in ("cos", "l2"):
-        raise ValueError(f"gol_dis must be 'cos' or 'l2', got {options['gol_dis']!r}")
+        raise InputError(f"gol_dis must be 'cos' or 'l2', got {options['gol_dis']!r}")
     if options["mar_type"] != "uniform":
-        raise ValueError(
+        raise InputError(
             f"mar_type {options['mar_type']!r} is not supported: only 'uniform' marginals are. "
             "The original 'different'/'uniform_v2' marginals weigh 14x14 pixel patches against at most "
             "49 stage-4 tokens and fail with a shape error in the authors' code too."
@@ -88,11 +89,11 @@ class TokenFeatures(NamedTuple):
     tokens: torch.Tensor
     kept: torch.Tensor
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TokenFeatures":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TokenFeatures:
         """Move to ``device``; ``dtype`` applies to ``tokens`` only."""
         return TokenFeatures(self.tokens.to(device=device, dtype=dtype), self.kept.to(device=device))
 
-    def select(self, index: torch.Tensor | slice | int) -> "TokenFeatures":
+    def select(self, index: torch.Tensor | slice | int) -> TokenFeatures:
         """The features of the images at ``index`` (batch dimension)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
@@ -264,19 +265,20 @@ _STATE_DICT_WRAPPERS = ("model_state_dict", "state_dict", "model")
 
 def _unwrap_state_dict(checkpoint: Any, source: str) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, Mapping) and "trained_state_dict" in checkpoint:
-        raise ValueError(f"{source} is a fine-tuning checkpoint: it holds only the trained tensors, not the whole model. "
-                         "Load best_weights.pth of its run folder instead, or use training_utils.load_trained_model")
+        raise CheckpointError(f"{source} is a fine-tuning checkpoint: it holds only the trained tensors, not the whole "
+                              "model. Load best_weights.pth of its run folder instead, or use "
+                              "training_utils.load_trained_model")
     state = checkpoint
     while isinstance(state, Mapping) and not all(isinstance(value, torch.Tensor) for value in state.values()):
         wrapper = next((key for key in _STATE_DICT_WRAPPERS if isinstance(state.get(key), Mapping)), None)
         if wrapper is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source} holds no state dict: expected tensors, or one of the keys "
                 f"{', '.join(_STATE_DICT_WRAPPERS)}; found keys {sorted(map(str, state))[:8]}"
             )
         state = state[wrapper]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
     prefix = "module."
     if state and all(key.startswith(prefix) for key in state):
         state = {key[len(prefix):]: value for key, value in state.items()}
@@ -297,7 +299,7 @@ def load_pretrained(model: nn.Module, path_or_state: str | Path | Mapping[str, A
 
     Raises:
         FileNotFoundError: the path does not exist.
-        module.checkpoint.CheckpointError: the file is not a safe, readable checkpoint (a ``ValueError``).
+        models.weights.CheckpointError: the file is not a safe, readable checkpoint, or holds no state dict.
         CheckpointMismatchError: keys or shapes differ (the message lists them).
     """
     source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "the given checkpoint"

@@ -35,14 +35,14 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from tqdm.auto import tqdm
 
-from module.io import atomic_write_text, naming_path
+from models.errors import InputError
+from module.core.io import atomic_write_text, naming_path
+from module.data.datasets import DATASETS
+from module.data.datasets.bhsig import LANGUAGES
 
-LAYOUTS = ("cedar", "gpds", "bhsig")
+LAYOUTS = tuple(DATASETS)
 # Written into a corpus's root when it is complete; see ensure_synthetic_dataset.
 MANIFEST = "synthetic_corpus.json"
-BHSIG_PREFIX = {"hindi": "H", "bengali": "B"}
-# Samples per writer in the real datasets: (genuine, forged).
-REAL_COUNTS = {"cedar": (24, 24), "gpds": (24, 30), "bhsig": (24, 30)}
 
 # Range of full-size canvases (rows, columns); CEDAR scans are of this order.
 CANVAS_ROWS = (250, 450)
@@ -312,50 +312,6 @@ def render(perf: Performance, rng: np.random.Generator, scale: float = 1.0) -> n
     return np.clip(np.rint(scan), 0, 255).astype(np.uint8)
 
 
-def _file_plan(layout: str, writers: list[int], n_genuine: int, n_forged: int, language: str, rng: np.random.Generator):
-    """Relative file name of every scan: list of (writer, is_forgery, sample number, path), plus layout facts."""
-    plan = []
-    facts: dict = {}
-    if layout == "cedar":
-        for w in writers:
-            plan += [(w, False, n, f"full_org/original_{w}_{n}.png") for n in range(1, n_genuine + 1)]
-            plan += [(w, True, n, f"full_forg/forgeries_{w}_{n}.png") for n in range(1, n_forged + 1)]
-    elif layout == "bhsig":
-        p = BHSIG_PREFIX[language]
-        for w in writers:
-            plan += [(w, False, n, f"{w}/{p}-S-{w}-G-{n:02d}.tif") for n in range(1, n_genuine + 1)]
-            plan += [(w, True, n, f"{w}/{p}-S-{w}-F-{n:02d}.tif") for n in range(1, n_forged + 1)]
-        facts["language"] = language
-    else:
-        # Writers split about 70/30 into the train/ and test/ folders; as in the
-        # wild, one train writer's later samples also sit in test/ (the split is
-        # not writer-disjoint), and two files carry " (Copy)" in their names.
-        order = [int(w) for w in rng.permutation(writers)]
-        n_test = max(1, round(0.3 * len(writers))) if len(writers) > 1 else 0
-        test, train = sorted(order[:n_test]), sorted(order[n_test:])
-        shared = train[:1] if len(writers) >= 3 else []
-        copies = set()
-        if train:
-            copies.add((train[-1], False, min(11, n_genuine)))
-        if test:
-            copies.add((test[-1], True, min(3, n_forged)))
-
-        def name(w: int, forged: bool, n: int) -> str:
-            stem = f"{'cf' if forged else 'c'}-{w:03d}-{n:02d}"
-            return stem + (" (Copy)" if (w, forged, n) in copies else "") + ".jpg"
-
-        for w in writers:
-            for forged, count in ((False, n_genuine), (True, n_forged)):
-                kind = "forge" if forged else "genuine"
-                for n in range(1, count + 1):
-                    in_test = w in test or (w in shared and n > (2 * count) // 3)
-                    folder = f"test/{w:03d}/{kind}" if in_test else f"train/{kind}"
-                    plan.append((w, forged, n, f"{folder}/{name(w, forged, n)}"))
-        facts.update(splits={"train": train, "test": sorted(test + shared)}, shared_writers=shared)
-        facts["files_with_spaces"] = sorted(p for *_, p in plan if " " in p)
-    return plan, facts
-
-
 def _save(scan: np.ndarray, path: Path) -> None:
     image = Image.fromarray(scan, mode="L")
     with naming_path(path):
@@ -404,22 +360,22 @@ def make_synthetic_dataset(
         per layout: language (bhsig); splits, shared_writers, files_with_spaces (gpds).
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
-    if language not in BHSIG_PREFIX:
-        raise ValueError(f"unknown language {language!r}: choose 'hindi' or 'bengali'")
-    default_genuine, default_forged = REAL_COUNTS[layout]
+        raise InputError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if language not in LANGUAGES:
+        raise InputError(f"unknown language {language!r}: choose 'hindi' or 'bengali'")
+    default_genuine, default_forged = DATASETS[layout].real_counts
     n_genuine = default_genuine if n_genuine is None else n_genuine
     n_forged = default_forged if n_forged is None else n_forged
     if n_writers < 1 or n_genuine < 2 or n_forged < 0:
-        raise ValueError(f"need n_writers >= 1, n_genuine >= 2, n_forged >= 0; got {n_writers}, {n_genuine}, {n_forged}")
+        raise InputError(f"need n_writers >= 1, n_genuine >= 2, n_forged >= 0; got {n_writers}, {n_genuine}, {n_forged}")
     if image_size is not None and image_size < 48:
-        raise ValueError(f"image_size {image_size} is too small for a legible signature: use 48 or more, or None")
+        raise InputError(f"image_size {image_size} is too small for a legible signature: use 48 or more, or None")
     scale = 1.0 if image_size is None else image_size / CANVAS_COLS[1]
 
     start = time.perf_counter()
     root = Path(root)
     writers = list(range(1, n_writers + 1))
-    plan, facts = _file_plan(layout, writers, n_genuine, n_forged, language, _rng(seed, 0))
+    plan, facts = DATASETS[layout].synthetic_files(writers, n_genuine, n_forged, _rng(seed, 0), language=language)
     styles = {w: writer_style(_rng(seed, 1, w)) for w in writers}
     forgers = {}
     for w in writers:

@@ -69,7 +69,7 @@ def run_training(command: list[str]) -> None:
 
 
 def training_figures(corpus: Path, work: Path, device: torch.device, image_size: int) -> dict[str, float]:
-    from module.checkpoint import read_torch_file
+    from models.weights import read_torch_file
 
     figures = {}
     common = [sys.executable, str(ROOT / "finetune.py"), "train", "cedar", str(corpus), "--image-size", str(image_size),
@@ -99,7 +99,7 @@ def main() -> None:
 
     from model_v3 import SINKHORN_EPS_EVAL, SINKHORN_EPS_TRAIN, ViT_for_OSV_DSNet
     from models.emd import pairwise_cost, sinkhorn_emd
-    from module.features import AMP_DTYPES
+    from module.core.precision import AMP_DTYPES
     from prepare_datasets import ensure_pair_files, make_synthetic_dataset
 
     device = torch.device(args.device)
@@ -131,7 +131,7 @@ def main() -> None:
         for eps_name, eps in (("training", SINKHORN_EPS_TRAIN), ("evaluation", SINKHORN_EPS_EVAL)):
             distances = {}
             for check_every in (1, 10):
-                def emd(check_every: int = check_every) -> torch.Tensor:
+                def emd(check_every: int = check_every, eps: float = eps) -> torch.Tensor:
                     return sinkhorn_emd(cost, features.kept.roll(1, 0), features.kept, eps=eps, check_every=check_every)
                 distances[check_every] = emd()
                 seconds = timed(emd, device, repeats=20)

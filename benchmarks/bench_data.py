@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from module.preprocess import normalize_image  # noqa: E402
+from module.data.preprocess import normalize_image  # noqa: E402
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset  # noqa: E402
 from sig_dataloader_colab import SigDataset_CEDAR_Colab  # noqa: E402
 from training_utils import compute_metrics  # noqa: E402
@@ -133,11 +133,13 @@ def main() -> None:
 
     saved_s = (timing["no_cache_ms"] - timing["cache_warm_ms"]) / 1000 * 2 * CEDAR_TRAIN_PAIRS
     print(f"\n| measurement ({os.cpu_count()} CPUs) | value |\n|---|---|")
-    print(f"| synthetic corpus, {args.writers} writers x (24 + 24), full size | {corpus_s:.1f} s ({info['counts']['files']} scans) |")
+    scans = info["counts"]["files"]
+    print(f"| synthetic corpus, {args.writers} writers x (24 + 24), full size | {corpus_s:.1f} s ({scans} scans) |")
     for name, value in eers.items():
         print(f"| learnability: EER of {name} on 64x64 normalized scans, all within-writer pairs | {100 * value:.1f} % |")
     print(f"| dataset over 34,080 pairs: resident memory added | {memory['rss_added_mb']:.1f} MB |")
-    print(f"| dataset over 34,080 pairs: Python allocations held / peak | {memory['python_held_mb']:.1f} / {memory['python_peak_mb']:.1f} MB |")
+    held, peak = memory["python_held_mb"], memory["python_peak_mb"]
+    print(f"| dataset over 34,080 pairs: Python allocations held / peak | {held:.1f} / {peak:.1f} MB |")
     rows, cols = timing["mean_shape"]
     print(f"| load_image at 224, no cache (scans {rows}x{cols} on average) | {timing['no_cache_ms']:.2f} ms/image |")
     print(f"| load_image at 224, filling the cache | {timing['cache_fill_ms']:.2f} ms/image |")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def epoch_seconds(corpus: Path, out: Path, path: str, epochs: int, image_size: int, threads: int,
                   processes: int) -> float:
-    from module.checkpoint import read_torch_file
+    from models.weights import read_torch_file
 
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

@@ -68,12 +68,11 @@ def one_size(n_images: int, image_size: int, epoch_pairs: int, work: Path) -> di
     import torch
 
     from model_v3 import ViT_for_OSV_DSNet
-    from prepare_datasets import generate_gdps_pairs, make_synthetic_dataset
-    from module.features import make_epoch_loader
-    from training_utils import FinetuneConfig, compute_features
-    from training_utils import setup_head_only_finetune, train_one_epoch
     from models.fine_tune_utils import build_optimizer_for_head_only
+    from module.features.loaders import make_epoch_loader
+    from prepare_datasets import generate_gdps_pairs, make_synthetic_dataset
     from sig_dataloader_colab import SigDataset_GDPS_Colab
+    from training_utils import FinetuneConfig, compute_features, setup_head_only_finetune, train_one_epoch
 
     torch.set_num_threads(2)
     writers = max(3, round(n_images / (GENUINE + FORGED)))

@@ -20,14 +20,15 @@ Typical use::
 """
 from __future__ import annotations
 
-import hashlib
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
+
+from models.weights import weights_fingerprint  # re-exported: users import it from here
 
 __all__ = [
     "FrozenModulesStayInEval",
@@ -62,7 +63,7 @@ class FrozenModulesStayInEval(nn.Module):
     trainable behaves exactly as a plain ``nn.Module``.
     """
 
-    def train(self, mode: bool = True) -> "FrozenModulesStayInEval":
+    def train(self, mode: bool = True) -> FrozenModulesStayInEval:
         super().train(mode)
         if mode:
             _put_frozen_modules_in_eval(self)
@@ -203,18 +204,3 @@ def build_optimizer_for_head_only(
             if members:
                 groups.append({**group, "params": members, "weight_decay": decay, "name": group["name"] + suffix})
     return torch.optim.AdamW(groups, lr=lr_head, weight_decay=weight_decay)
-
-
-def weights_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order.
-
-    Equal fingerprints mean bit-identical weights, whatever device they sit
-    on. Used to tie trained heads and cached features to the frozen
-    backbone they were computed with.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach()
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

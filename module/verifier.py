@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from model_v3 import Explanation, TokenFeatures, ViT_for_OSV_DSNet, load_pretrained
-from module.builders import load_trained_model, run_threshold
-from module.features import model_device
-from module.metrics import AGGREGATES
-from module.plots import plot_explanation
-from sig_dataloader_colab import load_signature
+from models.errors import InputError
+from module.core.precision import model_device
+from module.core.wording import option
+from module.data.images import load_signature
+from module.evaluation.metrics import AGGREGATES
+from module.evaluation.plots import plot_explanation
+from module.run.trained import load_trained_model, run_threshold
 
 __all__ = ["Decision", "Verifier"]
 
@@ -80,10 +82,10 @@ class Verifier:
         self._enrolled: dict[Any, _Enrolled] = {}
 
     @classmethod
-    def from_run(cls, run: str | Path, *, threshold: float | None = None, aggregate: str = "mean") -> "Verifier":
+    def from_run(cls, run: str | Path, *, threshold: float | None = None, aggregate: str = "mean") -> Verifier:
         """The best model of a run folder (or checkpoint file) and its validation EER threshold (or ``threshold``)."""
 
-        source = "threshold="
+        source = option("threshold", threshold)
         if threshold is None:  # read first: a run never evaluated fails before the model is loaded
             threshold, source = run_threshold(run)
         config, model = load_trained_model(run)
@@ -92,7 +94,7 @@ class Verifier:
     @classmethod
     def from_weights(cls, path: str | Path, *, threshold: float, image_size: int = 224,
                      model_options: dict[str, Any] | None = None, device: str | torch.device | None = None,
-                     aggregate: str = "mean") -> "Verifier":
+                     aggregate: str = "mean") -> Verifier:
         """Plain weights (``load_pretrained``: a state dict, e.g. a run's ``best_weights.pth``) and a threshold.
 
         ``model_options``: ``ViT_for_OSV_DSNet``'s options (default: the
@@ -101,7 +103,7 @@ class Verifier:
         model = load_pretrained(ViT_for_OSV_DSNet(model_options), path, strict=True)
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device), threshold, image_size=image_size, aggregate=aggregate,
-                   threshold_source=f"threshold= (weights {path})")
+                   threshold_source=f"{option('threshold', threshold)} (weights {path})")
 
     @property
     def enrolled(self) -> dict[Any, list[str]]:
@@ -112,7 +114,7 @@ class Verifier:
         """Embed ``writer``'s genuine references and keep their features (replacing any enrolled before)."""
         paths = [str(path) for path in reference_paths]
         if not paths:
-            raise ValueError(f"enroll needs at least one reference scan for writer {writer!r}")
+            raise InputError(f"enroll needs at least one reference scan for writer {writer!r}")
         self._enrolled[writer] = _Enrolled(paths, self._embed(self._load(paths)))
 
     def verify(self, query_path: str | os.PathLike, *, writer: Any = None,
@@ -158,16 +160,16 @@ class Verifier:
                               ) -> tuple[torch.Tensor, TokenFeatures, TokenFeatures]:
         """``(query image [1, S, S], query features, reference features)``; one backbone pass."""
         if (writer is None) == (references is None):
-            raise ValueError("give either writer= (enrolled) or references= (scans), not both and not neither")
+            raise InputError("give either writer= (enrolled) or references= (scans), not both and not neither")
         if references is not None:
             paths = [str(path) for path in references]
             if not paths:
-                raise ValueError("references= is empty: give at least one reference scan")
+                raise InputError("references= is empty: give at least one reference scan")
             images = self._load([*paths, str(query_path)])
             features = self._embed(images)
             return images[-1], features.select(len(paths)), features.select(slice(0, len(paths)))
         if writer not in self._enrolled:
-            raise ValueError(f"writer {writer!r} is not enrolled (enrolled: {sorted(map(str, self._enrolled))[:10]}); "
+            raise InputError(f"writer {writer!r} is not enrolled (enrolled: {sorted(map(str, self._enrolled))[:10]}); "
                              "call enroll(writer, reference_paths) first")
         image = self._load([str(query_path)])
         return image[0], self._embed(image), self._enrolled[writer].features
@@ -185,4 +187,4 @@ class Verifier:
 
 def _check_aggregate(aggregate: str) -> None:
     if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        raise InputError(f"{option('aggregate')} must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")

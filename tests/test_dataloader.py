@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from module.preprocess import BlankScanError
+from module.core.wording import command_line
+from module.data.preprocess import BlankScanError
 from prepare_datasets import (
     PairFileError,
     generate_bhsig_pairs,
@@ -137,15 +138,14 @@ def test_bhsig_dataset(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "cls, maker",
-    [
-        (SigDataset_CEDAR_Colab, "generate_cedar_pairs"),
-        (SigDataset_GDPS_Colab, "generate_gdps_pairs"),
-        (SigDataset_BHSig_Colab, "generate_bhsig_pairs"),
-    ],
+    "cls, dataset",
+    [(SigDataset_CEDAR_Colab, "cedar"), (SigDataset_GDPS_Colab, "gpds"), (SigDataset_BHSig_Colab, "bhsig")],
 )
-def test_missing_pair_file_names_it_and_its_maker(tmp_path, cls, maker):
-    with pytest.raises(FileNotFoundError, match=rf"gray_train.txt not found: make it with prepare_datasets.{maker}"):
+def test_missing_pair_file_names_it_and_the_call_that_makes_it(tmp_path, cls, dataset):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"gray_train.txt not found. Fix: prepare_datasets.ensure_pair_files\('{dataset}'"):
+        cls(None, tmp_path)
+    with command_line("finetune.py"), pytest.raises(FileNotFoundError, match=rf"Fix: python finetune.py prepare {dataset} "):
         cls(None, tmp_path)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from module.distributed import ProcessGroup, gather_in_order
-from module.epoch_order import EpochSampler, SeededItems, epoch_batches, item_seed, share_weight
+from module.core.distributed import ProcessGroup, gather_in_order
+from module.data.epoch_order import EpochSampler, SeededItems, epoch_batches, item_seed, share_weight
 
 
 def test_one_order_an_epoch_cut_into_global_batches() -> None:
@@ -94,7 +94,7 @@ def test_gather_in_order_alone() -> None:
 
 
 def test_autocast_dtype_is_cuda_only_and_bfloat16_only_where_the_gpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from module.features import autocast_dtype
+    from module.core.precision import autocast_dtype
 
     cuda = torch.device("cuda")
     assert autocast_dtype("bfloat16", torch.device("cpu")) is None and autocast_dtype(False, cuda) is None

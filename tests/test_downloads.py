@@ -255,7 +255,8 @@ def test_notebook_setup_defaults_and_errors(monkeypatch: pytest.MonkeyPatch) -> 
     assert demo.demo and demo.dataset == "cedar" and demo.val_ratio == 0.25
     assert demo.ckpt_dir == Path.cwd() / "checkpoints/demo" and demo.data_root == Path.cwd() / "data/demo"
     assert demo.config_overrides() == {
-        "dataset": "cedar", "data_root": str(Path.cwd() / "data/demo"), "ckpt_dir": str(Path.cwd() / "checkpoints/demo"), "epochs": 2,
+        "dataset": "cedar", "data_root": str(Path.cwd() / "data/demo"),
+        "ckpt_dir": str(Path.cwd() / "checkpoints/demo"), "epochs": 2,
     }
 
     real = downloads.resolve_notebook_setup("CEDAR", "/data/CEDAR", "/ckpt", None, "", 0.1, {"epochs": 2, "val_ratio": 0.25})

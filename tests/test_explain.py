@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_v3 import Explanation, ViT_for_OSV_DSNet
-from module.plots import plot_explanation
+from module.evaluation.plots import plot_explanation
 
 # The fixture pairs [4, 2, 224, 224] (ink bright), at 128 pixels: a 4x4 token grid, a fifth of the backbone's time.
 PAIRS = torch.nn.functional.interpolate(

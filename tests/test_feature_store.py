@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import module.feature_store as feature_store
+import module.features.store as feature_store
 from model_v3 import ViT_for_OSV_DSNet
 from models.fine_tune_utils import setup_head_only_finetune
-from module.epoch_order import epoch_pair_sample
-from module.features import compute_features
+from module.data.epoch_order import epoch_pair_sample
+from module.features.cache import compute_features
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
 

@@ -1,9 +1,11 @@
-"""finetune.py run as a user runs it (a subprocess) on tiny synthetic corpora: each subcommand, each bad input."""
+"""finetune.py on tiny synthetic corpora: each subcommand as a user runs it (a subprocess), and each bad input
+(in this process, through ``finetune.main``: the same code without a Python start-up and torch import a case)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +18,10 @@ import pytest
 import torch
 
 import finetune as finetune_cli
-from module.config import FinetuneConfig
-from module.evaluation import reference_trials
-from module.pair_files import pair_kind, read_pair_file
+from module.data.datasets import pair_kind
+from module.data.pair_files import read_pair_file
+from module.evaluation.validation import reference_trials
+from module.run.config import FinetuneConfig
 from prepare_datasets import make_synthetic_dataset
 from sig_dataloader_colab import load_signature
 from training_utils import Verifier, compute_writer_metrics, load_trained_model
@@ -43,6 +46,24 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return message
 
 
+def assert_decision_follows_the_threshold(output: str) -> None:
+    """``verify``'s last line: ``... distance D, threshold T (...): GENUINE`` exactly when ``D <= T``."""
+    found = re.search(r"distance (\S+), threshold (\S+) \(.*\): (GENUINE|FORGED)", output)
+    assert found, output
+    distance, threshold, decision = float(found[1]), float(found[2]), found[3]
+    assert (decision == "GENUINE") == (distance <= threshold), found[0]
+
+
+@pytest.fixture
+def in_process(capsys):
+    """``finetune.main(args)`` in this process, as a ``CompletedProcess`` (exit status, stdout, stderr)."""
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        code = finetune_cli.main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return run
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -64,10 +85,9 @@ def history_of(checkpoint: Path) -> list[int]:
     return torch.load(checkpoint, weights_only=True)["history"]["epoch"]
 
 
-def test_help_on_every_subcommand() -> None:
+def test_help_on_every_subcommand(capsys) -> None:
     for command in ("demo", "prepare", "train", "evaluate", "verify"):
-        result = finetune(command, "--help")
-        assert result.returncode == 0 and result.stdout.startswith(f"usage: finetune.py {command}"), result.stderr
+        assert finetune_help(command, capsys).startswith(f"usage: finetune.py {command}")
 
 
 def other_value(setting: dataclasses.Field, kind: type) -> object:
@@ -83,12 +103,12 @@ def other_value(setting: dataclasses.Field, kind: type) -> object:
     return {bool: lambda: not default, int: lambda: default + 1, float: lambda: default * 2}[kind]()
 
 
-def test_every_setting_has_a_flag_and_the_flags_build_the_config() -> None:
+def test_every_setting_has_a_flag_and_the_flags_build_the_config(capsys) -> None:
     """Each FinetuneConfig field but dataset, data_root (positionals) and ckpt_dir (--out) is a --flag of train."""
     types = FinetuneConfig.setting_types()
     flagged = [setting for setting in dataclasses.fields(FinetuneConfig)
                if setting.name not in ("dataset", "data_root", "ckpt_dir")]
-    usage = finetune_help("train")
+    usage = finetune_help("train", capsys)
     expected = {"dataset": "bhsig", "data_root": "/data", "ckpt_dir": "/runs/x"}
     argv = ["train", "bhsig", "/data", "--out", "/runs/x"]
     for setting in flagged:
@@ -108,44 +128,47 @@ def test_every_setting_has_a_flag_and_the_flags_build_the_config() -> None:
     assert (demo.image_size, demo.epochs, demo.lr) == (128, 8, 4e-3)
 
 
-def finetune_help(command: str) -> str:
-    result = finetune(command, "--help")
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def finetune_help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        finetune_cli.main([command, "--help"])
+    assert stopped.value.code == 0
+    return capsys.readouterr().out
 
 
-def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys, tmp_path: Path) -> None:
-    """A ValueError raised by the project's checks is bad input; one raised inside a library is a bug."""
-    import numpy as np
-
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, in_process, tmp_path: Path) -> None:
+    """An ``InputError`` (here a setting) is one line and exit 1; any other error, a ValueError raised inside a
+    library included, is a bug and keeps its traceback."""
     def library_bug(args) -> None:
         np.zeros(3).reshape(2, 2)  # numpy raises ValueError: a bug of ours, not the user's input
 
     def bad_setting(args) -> None:
         FinetuneConfig(epochs=0)
 
-    parser = finetune_cli.build_parser
-    for handler, expected in ((library_bug, None), (bad_setting, 1)):
-        monkeypatch.setattr(finetune_cli, "build_parser", lambda handler=handler: patched(parser(), handler))
-        if expected is None:
-            with pytest.raises(ValueError, match="reshape"):
-                finetune_cli.main(["prepare", "cedar", str(tmp_path)])
-        else:
-            assert finetune_cli.main(["prepare", "cedar", str(tmp_path)]) == expected
-            assert capsys.readouterr().err.startswith("error: invalid FinetuneConfig: epochs must be >= 1")
-            with pytest.raises(ValueError, match="epochs must be"):  # --debug shows the traceback of any error
-                finetune_cli.main(["--debug", "prepare", "cedar", str(tmp_path)])
+    monkeypatch.setattr(finetune_cli, "cmd_prepare", library_bug)
+    with pytest.raises(ValueError, match="reshape"):
+        finetune_cli.main(["prepare", "cedar", str(tmp_path)])
+    monkeypatch.setattr(finetune_cli, "cmd_prepare", bad_setting)
+    assert_one_line_error(in_process("prepare", "cedar", tmp_path), "error: invalid settings: --epochs must be >= 1")
+    with pytest.raises(ValueError, match="epochs must be"):  # --debug shows the traceback of any error
+        finetune_cli.main(["--debug", "prepare", "cedar", str(tmp_path)])
 
 
-def patched(parser, handler):
-    parser._subparsers._group_actions[0].choices["prepare"].set_defaults(handler=handler)
-    return parser
+def test_a_bad_input_in_a_real_process_is_one_line(tmp_path: Path) -> None:
+    """The one real-process check of the rule: exit status 1 and a single ``error:`` line on stderr."""
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(finetune("prepare", "cedar", missing), str(missing))
+
+
+def test_abbreviated_flags_are_refused(in_process) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        in_process("train", "cedar", "/data", "--out", "o", "--epoch", "3")
+    assert stopped.value.code == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_asked_for_without_cuda_is_one_line(corpus: Path, tmp_path: Path) -> None:
-    assert_one_line_error(finetune("train", "cedar", corpus, "--out", tmp_path / "run", "--device", "cuda"),
-                          "'cuda'", "no CUDA GPU")
+def test_cuda_asked_for_without_cuda_is_one_line(corpus: Path, tmp_path: Path, in_process) -> None:
+    assert_one_line_error(in_process("train", "cedar", corpus, "--out", tmp_path / "run", "--device", "cuda"),
+                          "--device cuda", "no CUDA GPU")
 
 
 def test_demo_writes_metrics_plots_and_weights(demo_run: Path) -> None:
@@ -166,7 +189,8 @@ def test_evaluate_and_verify_a_run(demo_run: Path) -> None:
     threshold = json.loads((demo_run / "val_metrics.json").read_text())["threshold"]
     result = finetune("verify", data / "full_org/original_1_1.png", data / "full_forg/forgeries_1_1.png", "--run", demo_run)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"threshold {threshold:.6g}" in result.stdout and ("GENUINE" in result.stdout or "FORGED" in result.stdout)
+    assert f"threshold {threshold:.6g}" in result.stdout
+    assert_decision_follows_the_threshold(result.stdout)
 
 
 def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Path) -> None:
@@ -217,14 +241,14 @@ def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> No
     assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
 
 
-def test_missing_folder(tmp_path: Path) -> None:
+def test_missing_folder(tmp_path: Path, in_process) -> None:
     missing = tmp_path / "nowhere"
-    assert_one_line_error(finetune("train", "cedar", missing, "--out", tmp_path / "run"), str(missing), "Fix:")
-    assert_one_line_error(finetune("prepare", "cedar", missing), str(missing))
-    assert_one_line_error(finetune("evaluate", "--run", tmp_path), "best.pt", "Fix:")
+    assert_one_line_error(in_process("train", "cedar", missing, "--out", tmp_path / "run"), str(missing), "Fix:")
+    assert_one_line_error(in_process("prepare", "cedar", missing), str(missing))
+    assert_one_line_error(in_process("evaluate", "--run", tmp_path), "best.pt", "Fix:")
 
 
-def test_bad_pair_file(corpus: Path, tmp_path: Path) -> None:
+def test_bad_pair_file(corpus: Path, tmp_path: Path, in_process) -> None:
     bad_root = tmp_path / "bad"
     shutil.copytree(corpus, bad_root)
     lines = (bad_root / "gray_train.txt").read_text().splitlines()
@@ -232,30 +256,31 @@ def test_bad_pair_file(corpus: Path, tmp_path: Path) -> None:
     (bad_root / "gray_train.txt").write_text("\n".join(lines) + "\n")
     (bad_root / "gray_val.txt").write_text("full_org/original_1_1.png\tfull_org/original_1_2.png\t1\n")
     (bad_root / "gray_test.txt").write_text("full_org/original_1_1.png\tfull_org/original_1_2.png\t1\n")
-    assert_one_line_error(finetune("train", "cedar", bad_root, "--out", tmp_path / "run", *TINY_TRAINING),
+    assert_one_line_error(in_process("train", "cedar", bad_root, "--out", tmp_path / "run", *TINY_TRAINING),
                           "gray_train.txt", "line 3")
 
 
-def test_wrong_checkpoint(demo_run: Path, tmp_path: Path) -> None:
+def test_wrong_checkpoint(demo_run: Path, tmp_path: Path, in_process) -> None:
     broken = tmp_path / "broken.pt"
     broken.write_bytes((demo_run / "best.pt").read_bytes()[:5000])  # a download cut short
-    assert_one_line_error(finetune("evaluate", "--run", broken), "broken.pt")
+    assert_one_line_error(in_process("evaluate", "--run", broken), "broken.pt")
 
     weights_only = demo_run / "best_weights.pth"  # plain weights, not a run's checkpoint
-    assert_one_line_error(finetune("verify", "a.png", "b.png", "--run", weights_only), "best_weights.pth")
+    assert_one_line_error(in_process("verify", "a.png", "b.png", "--run", weights_only), "best_weights.pth")
 
     other_model = tmp_path / "other_model.pth"  # weights of some other network
     torch.save({"backbone.conv.weight": torch.zeros(3, 3)}, other_model)
     assert_one_line_error(
-        finetune("train", "cedar", demo_run / "data", "--out", tmp_path / "run", "--pretrained", other_model, *TINY_TRAINING),
+        in_process("train", "cedar", demo_run / "data", "--out", tmp_path / "run", "--pretrained", other_model,
+                   *TINY_TRAINING),
         "other_model.pth", "missing keys",
     )
 
 
-def test_bad_settings_and_missing_image(demo_run: Path, tmp_path: Path) -> None:
-    assert_one_line_error(finetune("demo", "--out", tmp_path / "demo", "--image-size", "100"), "multiple of 32")
+def test_bad_settings_and_missing_image(demo_run: Path, tmp_path: Path, in_process) -> None:
+    assert_one_line_error(in_process("demo", "--out", tmp_path / "demo", "--image-size", "100"), "multiple of 32")
     assert_one_line_error(
-        finetune("verify", tmp_path / "missing.png", demo_run / "data/full_org/original_1_1.png", "--run", demo_run),
+        in_process("verify", tmp_path / "missing.png", demo_run / "data/full_org/original_1_1.png", "--run", demo_run),
         "missing.png",
     )
 
@@ -299,7 +324,8 @@ def test_gpds_prepare_train_evaluate_verify(gpds_run) -> None:
     assert evaluated.returncode == 0 and "nothing to embed" in evaluated.stdout + evaluated.stderr, evaluated.stderr
     reference, query = sorted(root.glob("train/genuine/c-00*.jpg"))[:2]
     verified = finetune("verify", reference, query, "--run", out)
-    assert verified.returncode == 0 and ("GENUINE" in verified.stdout or "FORGED" in verified.stdout), verified.stderr
+    assert verified.returncode == 0, verified.stderr
+    assert_decision_follows_the_threshold(verified.stdout)
 
 
 def test_bhsig_with_few_writers_prepare_train_evaluate_verify(gpds_run, tmp_path: Path) -> None:
@@ -370,7 +396,7 @@ def test_verify_three_references_json_and_explain(demo_run: Path, tmp_path: Path
                               "--aggregate", "max", "--threshold", "0.5"]) == 0
     output = capsys.readouterr().out
     assert all(f"{reference}: distance" in output for reference in references)
-    assert f"max distance {max(decision['distances']):.6g}, threshold 0.5 (--threshold): " in output
+    assert f"max distance {max(decision['distances']):.6g}, threshold 0.5 (--threshold 0.5): " in output
     assert finetune_cli.main(["verify", str(query), "--run", str(demo_run)]) == 1
     assert "at least one REF" in capsys.readouterr().err
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from module.loss import ContrastiveLoss
-from module.scheduler import GradualWarmupScheduler
+from models.loss import ContrastiveLoss
+from module.run.schedule import GradualWarmupScheduler
 
 
 def test_contrastive_loss_formula() -> None:

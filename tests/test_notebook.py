@@ -61,7 +61,8 @@ def tiny_parameters(work: Path) -> dict:
         "DATA_ROOT": str(work / "demo"),
         "DEMO_CORPUS": {"n_writers": 4, "n_genuine": 4, "n_forged": 3, "image_size": 96},
         # keep_last=EPOCHS keeps every epoch's checkpoint, so a disconnect can be simulated at any epoch.
-        "DEMO_SETTINGS": {"image_size": 64, "epochs": EPOCHS, "lr": 4e-3, "batch_size": 16, "keep_last": EPOCHS, "val_ratio": 0.25},
+        "DEMO_SETTINGS": {"image_size": 64, "epochs": EPOCHS, "lr": 4e-3, "batch_size": 16, "keep_last": EPOCHS,
+                          "val_ratio": 0.25},
         "NUM_WORKERS": 0,
     }
 
@@ -103,14 +104,25 @@ def test_parameters_cell_first_then_the_ten_parts() -> None:
     assert [f"## PART {n}: {title}" for n, title in enumerate(PART_TITLES, start=1)] == markdown[1:]
 
 
-def test_notebook_and_command_line_train_through_one_pipeline_function() -> None:
-    import inspect
-
+def test_the_command_line_trains_through_the_notebooks_pipeline_function(tmp_path: Path, monkeypatch) -> None:
+    """``finetune.py train`` calls ``train_and_report`` with the config its flags make (the notebook's PART 7 does
+    too: the demo run below finds ``test_before_metrics.json``, which only ``train_and_report`` writes)."""
     import finetune
+    import training_utils
 
-    part_7 = next(cell.source for cell in code_cells(nbformat.read(NOTEBOOK, as_version=4)) if cell.source.startswith("# PART 7"))
-    assert "train_and_report(config" in part_7
-    assert "train_and_report(config" in inspect.getsource(finetune.cmd_train)
+    class Called(Exception):
+        pass
+
+    def pipeline(config, **options):
+        raise Called(config, options)
+
+    monkeypatch.setattr(training_utils, "train_and_report", pipeline)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(Called) as called:
+        finetune.main(["train", "bhsig", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "3"])
+    config, options = called.value.args
+    assert (config.dataset, config.epochs, config.ckpt_dir) == ("bhsig", 3, str(tmp_path / "run"))
+    assert options == {"resume": True}
 
 
 def test_demo_defaults_match_the_command_line_demo() -> None:
@@ -118,12 +130,12 @@ def test_demo_defaults_match_the_command_line_demo() -> None:
 
     names: dict = {}
     exec(code_cells(nbformat.read(NOTEBOOK, as_version=4))[0].source, names)
-    demo_parser = finetune.build_parser()._subparsers._group_actions[0].choices["demo"]
-    defaults = {key: demo_parser.get_default(key) for key in names["DEMO_SETTINGS"]}  # image_size, epochs, lr, val_ratio
+    demo = vars(finetune.build_parser().parse_args(["demo"]))  # the demo's defaults
+    defaults = {key: demo[key] for key in names["DEMO_SETTINGS"]}  # image_size, epochs, lr, val_ratio
     assert defaults == names["DEMO_SETTINGS"]
     corpus = names["DEMO_CORPUS"]
-    assert (corpus["n_writers"], corpus["n_genuine"], corpus["image_size"]) == (
-        demo_parser.get_default("writers"), demo_parser.get_default("samples"), demo_parser.get_default("canvas"))
+    assert (corpus["n_writers"], corpus["n_genuine"], corpus["image_size"]) == (demo["writers"], demo["samples"],
+                                                                                demo["canvas"])
 
 
 def test_demo_runs_and_resumes_after_restart_and_after_run_all(tmp_path: Path, kernel_name: str) -> None:
@@ -152,8 +164,8 @@ def test_demo_runs_and_resumes_after_restart_and_after_run_all(tmp_path: Path, k
     assert json.loads((ckpt_dir / "cross_cedar_other_metrics.json").read_text())["n_genuine"] > 0
     assert json.loads((ckpt_dir / "test_metrics.json").read_text())["writer_level"]["per_writer"]
     for mistake in ("false accept", "false reject"):  # PART 8 explains each, or says there is none
-        assert (ckpt_dir / f"test_worst_{mistake.replace(' ', '_')}.png").is_file() or \
-            f"no {mistake} on the test split" in stream_text(first), mistake
+        drawn = (ckpt_dir / f"test_worst_{mistake.replace(' ', '_')}.png").is_file()
+        assert drawn != (f"no {mistake} on the test split" in stream_text(first)), mistake
     assert json.loads((ckpt_dir / "history.json").read_text())["epoch"] == history
 
     # 2. A runtime restart during the last epoch (files kept), then Run all: nothing is remade, training continues.

@@ -21,9 +21,10 @@ PACKAGES = {"module", "models"}
 def test_pip_install_into_a_fresh_folder_and_import_from_elsewhere(tmp_path: Path) -> None:
     # A copy: setuptools builds in the source folder (build/, *.egg-info), which must not litter the project.
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "venv", "runs", "data", "checkpoints", "build", "*.egg-info", "__pycache__", ".*cache",
-        "tests", ".ipynb_checkpoints"))
+    top_level_only = {".git", ".venv", "venv", "runs", "data", "checkpoints", "build", "tests"}  # module/data stays
+    everywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".*cache", ".ipynb_checkpoints")
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: set(everywhere(folder, names)) | (
+        top_level_only & set(names) if Path(folder) == ROOT else set()))
     target = tmp_path / "installed"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
@@ -40,8 +41,8 @@ def test_pip_install_into_a_fresh_folder_and_import_from_elsewhere(tmp_path: Pat
     check = (
         "import training_utils, model_v3, finetune, prepare_datasets, downloads\n"
         "from training_utils import Verifier, compute_writer_metrics\n"
-        "assert training_utils.__file__.startswith(%r), training_utils.__file__\n"
-        "print(sum(p.numel() for p in model_v3.ViT_for_OSV_DSNet().parameters()))\n" % str(target)
+        f"assert training_utils.__file__.startswith({str(target)!r}), training_utils.__file__\n"
+        "print(sum(p.numel() for p in model_v3.ViT_for_OSV_DSNet().parameters()))\n"
     )
     environment = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run([sys.executable, "-c", check], cwd=elsewhere, env=environment, capture_output=True,

@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from module.pair_files import pair_kind, random_forgery_pairs, read_pair_file, signature_of, validate_pair_file, writer_of
+from module.data.datasets import pair_kind, signature_of, writer_of
+from module.data.pair_files import read_pair_file
+from module.data.prepare import random_forgery_pairs
+from module.data.validation import validate_pair_file
 from prepare_datasets import ensure_pair_files
 
 
@@ -24,11 +27,11 @@ def touch_cedar(root: Path, n_writers: int, n_genuine: int, n_forged: int) -> Pa
 
 
 def test_signature_and_pair_kind_in_every_layout() -> None:
-    assert signature_of("full_org/original_12_3.png") == (12, False)
-    assert signature_of("full_forg/forgeries_7_24.PNG") == (7, True)
-    assert signature_of("5/H-S-5-G-01.tif") == (5, False) and signature_of("5/B-S-5-F-30.tif") == (5, True)
-    assert signature_of("train/genuine/c-032-11 (Copy).jpg") == (32, False)
-    assert signature_of("test/032/forge/cf-032-01.jpg") == (32, True)
+    assert signature_of("full_org/original_12_3.png") == (12, False, 3)
+    assert signature_of("full_forg/forgeries_7_24.PNG") == (7, True, 24)
+    assert signature_of("5/H-S-5-G-01.tif") == (5, False, 1) and signature_of("5/B-S-5-F-30.tif") == (5, True, 30)
+    assert signature_of("train/genuine/c-032-11 (Copy).jpg") == (32, False, 11)
+    assert signature_of("test/032/forge/cf-032-01.jpg") == (32, True, 1)
     assert signature_of("notes/readme.txt") is None
 
     assert pair_kind("full_org/original_1_1.png", "full_org/original_1_2.png") == "genuine"

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from skimage.draw import line_aa
 
-from module.preprocess import BlankScanError, normalize_image
+from module.data.preprocess import BlankScanError, normalize_image
 
 DATA = Path(__file__).parent / "data" / "preprocess"
 SCANS = sorted(p.name for p in DATA.glob("sig_*.png"))

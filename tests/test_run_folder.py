@@ -24,9 +24,11 @@ import torch
 
 from model_v3 import ViT_for_OSV_DSNet, load_pretrained
 from models.fine_tune_utils import setup_head_only_finetune, unfreeze_last_blocks
-from module import run_folder
-from module.checkpoint import read_checkpoint, read_torch_file, trained_state_keys
-from module.run_folder import RunFolderError, RunFolderInUse, lock_run_folder
+from models.weights import read_torch_file
+from module.run import lock as run_lock
+from module.run.checkpoint import read_checkpoint, trained_state_keys
+from module.run.folder import RunFolderError
+from module.run.lock import RunFolderInUse, lock_run_folder
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from training_utils import (
     FinetuneConfig,
@@ -204,7 +206,7 @@ def test_a_damaged_best_pt_is_refused_by_evaluate_and_verify_and_made_again_by_t
     flip_bits(out / "best.pt")
     scan = corpus / "full_org" / "original_1_1.png"
     for result in (finetune("evaluate", "--run", out), finetune("verify", scan, scan, "--run", out)):
-        one_line_error(result, f"{out / 'best.pt'} is damaged", "run the same train command again")
+        one_line_error(result, f"{out / 'best.pt'} is damaged", "run the same command again")
     again = train(corpus, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "best.pt made again" in again.stdout + again.stderr
@@ -250,15 +252,15 @@ def test_where_file_locks_are_not_supported_a_claim_file_stands_in(tmp_path: Pat
     def no_file_locks(*args) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(run_folder.fcntl, "flock", no_file_locks)
-    claim = tmp_path / run_folder.CLAIM_FILE
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_file_locks)
+    claim = tmp_path / run_lock.CLAIM_FILE
     with lock_run_folder(tmp_path):
         assert claim.read_text().split()[0] == str(os.getpid())
     assert not claim.exists()
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        claim.write_text(f"{sleeper.pid} {run_folder.socket.gethostname()}\n")  # a live process of this machine
+        claim.write_text(f"{sleeper.pid} {run_lock.socket.gethostname()}\n")  # a live process of this machine
         with pytest.raises(RunFolderInUse, match=f"is in use by process {sleeper.pid}"):
             with lock_run_folder(tmp_path):
                 pass

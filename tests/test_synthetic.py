@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from skimage.feature import hog
 
-from module.preprocess import normalize_image
+from module.data.preprocess import normalize_image
 from prepare_datasets import ensure_synthetic_dataset, make_synthetic_dataset
 from synthetic_signatures import CANVAS_COLS, CANVAS_ROWS
 from training_utils import compute_metrics
@@ -63,8 +63,10 @@ def test_scans_look_like_scans(cedar):
 
 
 def test_deterministic_for_a_seed(cedar, tmp_path):
-    again = make_synthetic_dataset(tmp_path / "a", "cedar", n_writers=3, n_genuine=4, n_forged=3, seed=1, image_size=96, progress=False)
-    other = make_synthetic_dataset(tmp_path / "b", "cedar", n_writers=3, n_genuine=4, n_forged=3, seed=2, image_size=96, progress=False)
+    again = make_synthetic_dataset(tmp_path / "a", "cedar", n_writers=3, n_genuine=4, n_forged=3, seed=1,
+                                   image_size=96, progress=False)
+    other = make_synthetic_dataset(tmp_path / "b", "cedar", n_writers=3, n_genuine=4, n_forged=3, seed=2,
+                                   image_size=96, progress=False)
     assert _digest(Path(again["root"])) == _digest(Path(cedar["root"]))
     assert _digest(Path(other["root"])) != _digest(Path(cedar["root"]))
 
@@ -77,7 +79,8 @@ def test_a_writer_does_not_depend_on_how_many_are_made(cedar, tmp_path):
 
 @pytest.mark.parametrize("language, prefix", [("hindi", "H"), ("bengali", "B")])
 def test_bhsig_layout_and_names(tmp_path, language, prefix):
-    info = make_synthetic_dataset(tmp_path, "bhsig", n_writers=2, n_genuine=2, n_forged=3, image_size=64, language=language, progress=False)
+    info = make_synthetic_dataset(tmp_path, "bhsig", n_writers=2, n_genuine=2, n_forged=3, image_size=64,
+                                  language=language, progress=False)
     expected = [f"{w}/{prefix}-S-{w}-G-{n:02d}.tif" for w in (1, 2) for n in (1, 2)]
     expected += [f"{w}/{prefix}-S-{w}-F-{n:02d}.tif" for w in (1, 2) for n in (1, 2, 3)]
     assert _files(tmp_path) == sorted(expected)
@@ -138,7 +141,8 @@ def test_learnable_but_not_trivial(tmp_path):
     gives the figure at full size and with more writers.
     """
     n_writers, n_genuine, n_forged = 6, 8, 8
-    info = make_synthetic_dataset(tmp_path, "cedar", n_writers=n_writers, n_genuine=n_genuine, n_forged=n_forged, image_size=160, progress=False)
+    info = make_synthetic_dataset(tmp_path, "cedar", n_writers=n_writers, n_genuine=n_genuine, n_forged=n_forged,
+                                  image_size=160, progress=False)
     root = Path(info["root"])
 
     def features(rel: str) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from module.checkpoint import read_torch_file
+from models.weights import read_torch_file
 from prepare_datasets import ensure_pair_files, make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

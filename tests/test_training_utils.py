@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 import torch
 
+import module.features.cache
 from model_v3 import ViT_for_OSV_DSNet
 from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune
+from module.features.loaders import pair_distances
+from module.features.store import ChunkedTokens
+from module.run.checkpoint import read_checkpoint
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
-import module.features
-from module.checkpoint import read_checkpoint
-from module.feature_store import ChunkedTokens
-from module.features import pair_distances
 from training_utils import (
     HISTORY_KEYS,
     FeatureCache,
     FinetuneConfig,
     NonFiniteLossError,
-    compute_features,
     build_datasets,
     build_model,
+    compute_features,
     evaluate_and_report,
     export_state_dict,
     find_latest_checkpoint,
@@ -149,12 +149,13 @@ def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path, monkeypatch
     # Evaluation: eval epsilon, each distinct image embedded once vs two backbone passes per pair.
     cache = compute_features(model, val, progress=False)
     assert len(cache.paths) == len(val.image_paths()) and len(cache) == len(val)
-    cached_loss, cached = validate(model, cache, progress=False)
-    per_pair_loss, per_pair = validate(model, make_pair_loader(val, 16, shuffle=False), progress=False)
+    cached = validate(model, cache, progress=False)
+    per_pair = validate(model, make_pair_loader(val, 16, shuffle=False), progress=False)
+    cached_loss, per_pair_loss = cached["loss"], per_pair["loss"]
     np.testing.assert_allclose(cached["distances"], per_pair["distances"], rtol=0, atol=1e-5)
     assert cached_loss == pytest.approx(per_pair_loss, abs=1e-5)
     assert cached["eer"] == per_pair["eer"]
-    assert validate(model, val, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
+    assert validate(model, val, progress=False)["distances"] == pytest.approx(cached["distances"], abs=0)
 
     # Training: the two paths give the same loss and the same gradients for the same pairs. Compared after
     # plain SGD steps, which are proportional to the gradients: Adam divides by the root of each gradient's
@@ -185,16 +186,16 @@ def test_fast_path_equals_per_pair_path(corpus: str, tmp_path: Path, monkeypatch
     model.load_state_dict(start)
     half = compute_features(model, val, dtype="float16", progress=False)
     assert half.tokens.dtype == torch.float16
-    np.testing.assert_allclose(validate(model, half, progress=False)[1]["distances"], cached["distances"], atol=2e-2)
+    np.testing.assert_allclose(validate(model, half, progress=False)["distances"], cached["distances"], atol=2e-2)
 
     # Through the feature store: the same numbers, read back into RAM, or memory-mapped when RAM is short.
     stored = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
     assert stored.embedded == len(stored.paths) and torch.equal(stored.tokens, cache.tokens)
-    monkeypatch.setattr(module.features, "available_memory", lambda: 1)
+    monkeypatch.setattr(module.features.cache, "available_memory", lambda: 1)
     mapped = compute_features(model, val, feature_dir=tmp_path / "features", progress=False)
     assert mapped.embedded == 0 and isinstance(mapped.tokens, ChunkedTokens)
     assert np.array_equal(mapped.tokens[np.arange(len(mapped.paths))], cache.tokens.numpy())
-    assert validate(model, mapped, progress=False)[1]["distances"] == pytest.approx(cached["distances"], abs=0)
+    assert validate(model, mapped, progress=False)["distances"] == pytest.approx(cached["distances"], abs=0)
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -434,11 +435,11 @@ def test_cuda_with_amp_matches_cpu(corpus: str) -> None:
     train, val = datasets(corpus)
     torch.manual_seed(0)
     model = setup_head_only_finetune(ViT_for_OSV_DSNet())
-    _, on_cpu = validate(model, val, progress=False)
+    on_cpu = validate(model, val, progress=False)
     model.cuda()
-    _, on_gpu = validate(model, val, progress=False)
+    on_gpu = validate(model, val, progress=False)
     np.testing.assert_allclose(on_gpu["distances"], on_cpu["distances"], atol=1e-3)
-    _, with_amp = validate(model, val, amp=True, progress=False)
+    with_amp = validate(model, val, amp=True, progress=False)
     np.testing.assert_allclose(with_amp["distances"], on_cpu["distances"], atol=5e-2)
     optimizer = build_optimizer_for_head_only(model)
     scaler = torch.amp.GradScaler("cuda")
@@ -446,3 +447,27 @@ def test_cuda_with_amp_matches_cpu(corpus: str) -> None:
         loader = make_pair_loader(data, 16, shuffle=True, pin_memory=not isinstance(data, FeatureCache))
         loss = train_one_epoch(model, loader, optimizer, scaler=scaler, amp=True, progress=False)
         assert np.isfinite(loss)
+
+
+def test_feature_dtype_auto_is_settled_once_and_a_resume_adopts_it(corpus: str, tmp_path: Path, monkeypatch) -> None:
+    """``fit(prepare_run(...))`` with ``feature_dtype="auto"``: the first epoch's choice is in every checkpoint, and a
+    resume with more RAM free keeps it rather than settling it again."""
+    import module.features.store as store
+
+    train, val = datasets(corpus)
+    config = config_for(tmp_path / "run", epochs=2, feature_dtype="auto")
+    monkeypatch.setattr(store, "available_memory", lambda: 1024)  # little RAM: float16
+
+    def stop_after_first_epoch(run, metrics):
+        raise KeyboardInterrupt
+
+    run = prepare_run(new_model(config), config)
+    with pytest.raises(KeyboardInterrupt):
+        fit(run, train, val, progress=False, on_epoch_end=stop_after_first_epoch)
+    assert read_checkpoint(tmp_path / "run" / "epoch_0001.pt")["config"]["feature_dtype"] == "float16"
+
+    monkeypatch.setattr(store, "available_memory", lambda: 2**40)  # plenty now: "auto" alone would pick float32
+    resumed = prepare_run(new_model(config), config)
+    assert resumed.epoch == 1 and resumed.config.feature_dtype == "float16"
+    fit(resumed, train, val, progress=False)
+    assert read_checkpoint(tmp_path / "run" / "epoch_0002.pt")["config"]["feature_dtype"] == "float16"

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from model_v3 import ViT_for_OSV_DSNet
-from module.evaluation import reference_trials, worst_errors
-from module.pair_files import pair_kind
+from module.data.datasets import pair_kind
+from module.evaluation.reports import worst_errors
+from module.evaluation.validation import reference_trials
 from prepare_datasets import make_synthetic_dataset
 from sig_dataloader_colab import load_signature
 from training_utils import Decision, Verifier
@@ -104,7 +105,7 @@ def test_reference_trials_follow_the_protocol() -> None:
     kinds = [(writer, kind) for _, _, writer, kind in trials]
     assert kinds.count((1, "genuine")) == 5 and kinds.count((1, "skilled")) == 2 and kinds.count((1, "random")) == 1
     assert kinds.count((2, "genuine")) == 5 and kinds.count((2, "skilled")) == 2 and len(trials) == 15
-    for references, query, writer, kind in trials:
+    for references, query, _, kind in trials:
         assert len(set(references)) == 3 and query not in references
         assert all(pair_kind(reference, query) == kind for reference in references)
     again, _ = reference_trials([pair[:2] for pair in pairs], 3, np.random.default_rng(0))

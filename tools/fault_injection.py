@@ -33,8 +33,8 @@ import torch
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from module.checkpoint import read_torch_file  # noqa: E402
-from module.io import TEMPORARY_SUFFIX  # noqa: E402
+from models.weights import read_torch_file  # noqa: E402
+from module.core.io import TEMPORARY_SUFFIX  # noqa: E402
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset  # noqa: E402
 
 TRAINING = ["--image-size", "64", "--epochs", "3", "--batch-size", "16", "--lr", "1e-2", "--device", "cpu",

@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from module.evaluation import worst_errors  # noqa: E402
-from module.plots import plot_explanation  # noqa: E402
+from module.evaluation.plots import plot_explanation  # noqa: E402
+from module.evaluation.reports import worst_errors  # noqa: E402
 from training_utils import build_datasets, load_trained_model, run_threshold, validate  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     threshold, _ = run_threshold(args.run)
     config, model = load_trained_model(args.run)
     data = build_datasets(config, splits=("test",))["test"]
-    _, metrics = validate(model, data, batch_size=config.eval_batch_size, desc="test")
+    metrics = validate(model, data, batch_size=config.eval_batch_size, desc="test")
     mistakes = worst_errors(metrics, threshold)
     mistake = "false accept" if mistakes["false accept"] is not None else "false reject"
     if mistakes[mistake] is None:

@@ -77,11 +77,14 @@ if not os.path.isfile(os.path.join(PROJECT_DIR, "downloads.py")):  # Colab opene
                                 "Fix: set REPO_URL to its git URL and PROJECT_DIR to e.g. /content/detailsemnet.")
     !git clone -q --depth 1 {REPO_URL} {PROJECT_DIR}
 os.chdir(PROJECT_DIR)
+from module.core.wording import use_interface
+use_interface("notebook")  # messages name this notebook's parameters (RESUME = False, CKPT_DIR)
 import downloads
 if downloads.missing_requirements("requirements.txt"):
     %pip install -q -r requirements.txt
 import prepare_datasets
-setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, VAL_RATIO, DEMO_SETTINGS)  # mounts Drive in Colab
+setup = downloads.resolve_notebook_setup(DATASET, DATA_ROOT, CKPT_DIR, DEMO, DOWNLOAD_DIR, VAL_RATIO,
+                                         DEMO_SETTINGS)  # mounts Drive in Colab
 downloads.fetch_all(GDRIVE_IDS, setup.download_dir, extract_to=EXTRACT_DIR)
 pretrained_path = downloads.resolve_pretrained(PRETRAINED, setup.download_dir)
 if setup.demo:

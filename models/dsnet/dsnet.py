@@ -10,12 +10,12 @@ state dicts load with ``strict=True``; see ``DSNet`` for the stage table.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
 
 __all__ = ["DSNet", "Block", "Mixer", "HighMixer", "LowMixer", "StemEmbed", "DownsampleEmbed"]
 

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.fine_tune_utils import weights_fingerprint
-from module.io import TEMPORARY_SUFFIX, atomic_write, atomic_write_text
-from sig_dataloader_colab import CACHE_VERSION
+from models.weights import weights_fingerprint
+from module.core.io import TEMPORARY_SUFFIX, atomic_write, atomic_write_text
+from module.data.images import CACHE_VERSION
 
 __all__ = [
     "CHUNK_BYTES", "RAM_SHARE", "ChunkedTokens", "FeatureStore", "available_memory", "feature_bytes", "format_size",
@@ -74,7 +74,8 @@ def format_size(n_bytes: float) -> str:
 
 
 def resolve_feature_dtype(dtype: str, n_images: int, image_size: int, log: Callable[[str], None] | None = None) -> str:
-    """``dtype``, with ``"auto"`` resolved: float32, or float16 when float32 features would pass ``RAM_SHARE`` of the RAM available."""
+    """``dtype``, with ``"auto"`` resolved: float32, or float16 when float32 features would pass ``RAM_SHARE`` of the
+    RAM available."""
     if dtype != "auto":
         return dtype
     needed, available = feature_bytes(n_images, image_size, "float32"), available_memory()

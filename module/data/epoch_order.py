@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from module.distributed import SINGLE_PROCESS, ProcessGroup
+from module.core.distributed import SINGLE_PROCESS, ProcessGroup
 
 __all__ = ["EpochSampler", "SeededItems", "epoch_batches", "epoch_pair_sample", "item_seed", "share", "share_weight"]
 

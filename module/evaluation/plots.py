@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from module.io import atomic_write
-from module.metrics import ROC_KEYS
+from module.core.io import atomic_write
+from module.evaluation.metrics import ROC_KEYS
 
 if TYPE_CHECKING:
     from model_v3 import Explanation

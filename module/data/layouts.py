@@ -1,36 +1,35 @@
-"""Dataset folder layouts: the scans a folder holds, by writer, and what was odd about them.
+"""What every dataset layout shares: the scans a folder holds, by writer, what was odd about them, splits and pairs.
 
-``scan_cedar``, ``scan_bhsig`` and ``scan_gpds`` read one layout each into
-``FoundScans`` (every file that follows the layout's names, with the way
-its writer number is spelled); ``usable_writers`` then keeps the writers a
-pair can be made for and returns one note per oddity: a writer without
+Each layout's scan (``module/data/datasets``) reads its folders into
+``FoundScans`` (every file that follows the layout's names, with the way its
+writer number is spelled); ``usable_writers`` then keeps the writers a pair
+can be made for and returns one note per oddity: a writer without
 forgeries, a forgery-only writer, a writer number spelled two ways
 (``original_03_2.jpg`` beside ``original_3_1.jpg``), a sample with two
 files, image files that follow no name of the layout. A note says which
 writer, what is missing and what was done; nothing is merged or dropped
-silently. Writers are split here too (``split_writers``, ``split_sizes``).
+silently. Writers are split here too (``split_writers``, ``split_sizes``),
+pairs made (``writer_pairs``) and written (``write_splits``).
 """
 from __future__ import annotations
 
 import itertools
 import os
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from module.pair_files import BHSIG_NAME, CEDAR_NAME, GPDS_NAME, IMAGE_EXTENSIONS, Pair
-from module.wording import option
+from models.errors import InputError
+from module.core.wording import option
+from module.data.pair_files import IMAGE_EXTENSIONS, PAIR_FILES, Pair, count_pairs, write_pair_file
 
-__all__ = [
-    "BHSIG_LANGUAGES", "BHSIG_TEST_WRITERS", "FoundScans", "WriterScans", "scan_bhsig", "scan_cedar", "scan_gpds",
-    "split_sizes", "split_writers", "usable_writers", "writer_pairs",
-]
+__all__ = ["FoundScans", "WriterScans", "split_sizes", "split_writers", "usable_writers", "write_splits",
+           "writer_pairs"]
 
-BHSIG_LANGUAGES = {"hindi": "H", "bengali": "B"}
-BHSIG_TEST_WRITERS = {"hindi": range(1, 61), "bengali": range(1, 51)}
 _IMAGE_FILE = re.compile(rf"\.{IMAGE_EXTENSIONS}$", re.IGNORECASE)
 LISTED = 8  # writers or files named in one note before "and N more"
 
@@ -159,90 +158,6 @@ def usable_writers(found: FoundScans, where: str = "") -> tuple[dict[int, Writer
 
 
 # ---------------------------------------------------------------------------
-# The layouts
-
-
-def scan_cedar(data_root: str | os.PathLike) -> FoundScans:
-    """A CEDAR root: full_org/original_{w}_{n}.png and full_forg/forgeries_{w}_{n}.png."""
-    root = Path(data_root)
-    if not (root / "full_org").is_dir():
-        raise FileNotFoundError(
-            f"{root / 'full_org'} not found: a CEDAR root holds full_org/original_{{w}}_{{n}}.png and "
-            "full_forg/forgeries_{w}_{n}.png; pass the folder that contains full_org/"
-        )
-    found = FoundScans("original_{w}_{n} / forgeries_{w}_{n}")
-    for folder in ("full_org", "full_forg"):
-        if not (root / folder).is_dir():
-            continue
-        for entry in os.scandir(root / folder):
-            match = CEDAR_NAME.match(entry.name)
-            if match:
-                found.add(match.group(2), match.group(1).lower() == "forgeries", match.group(3), f"{folder}/{entry.name}")
-            else:
-                found.skip(f"{folder}/{entry.name}")
-    if not found.files:
-        raise FileNotFoundError(f"no CEDAR scans (original_{{w}}_{{n}}.png) in {root / 'full_org'}")
-    return found
-
-
-def scan_bhsig(data_root: str | os.PathLike, language: str | None = None) -> tuple[str, FoundScans]:
-    """Language and scans of a BHSig260 language folder: {w}/H-S-{w}-G-{nn}.tif, {w}/H-S-{w}-F-{nn}.tif (B- for Bengali)."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} not found: pass the BHSig260 language folder holding one folder a writer")
-    if language is not None and language.lower() not in BHSIG_LANGUAGES:
-        raise ValueError(f"unknown language {language!r}: choose 'hindi' or 'bengali' ({option('language')})")
-    found = FoundScans("{w}/H-S-{w}-G-{nn} / H-S-{w}-F-{nn}")
-    prefixes = set()
-    for folder in (e for e in os.scandir(root) if e.is_dir()):
-        for entry in os.scandir(folder.path):
-            match = BHSIG_NAME.match(entry.name)
-            if match:
-                prefixes.add(match.group(1).upper())
-                found.add(match.group(2), match.group(3).upper() == "F", match.group(4), f"{folder.name}/{entry.name}")
-            else:
-                found.skip(f"{folder.name}/{entry.name}")
-    if not found.files:
-        languages = [e.name for e in os.scandir(root) if e.is_dir() and e.name.lower() in BHSIG_LANGUAGES]
-        hint = f"; pass {root / languages[0]}" if languages else ""
-        raise FileNotFoundError(f"no BHSig scans ({{w}}/H-S-{{w}}-G-{{nn}}.tif or B-S-...) in {root}{hint}")
-    if len(prefixes) > 1:
-        raise ValueError(f"{root} mixes Hindi (H-) and Bengali (B-) scans: keep one language a folder")
-    found_language = {v: k for k, v in BHSIG_LANGUAGES.items()}[prefixes.pop()]
-    if language is not None and language.lower() != found_language:
-        raise ValueError(f"{root} holds {found_language} scans, not {language}: drop {option('language')} "
-                         "or pass the other language's folder")
-    return found_language, found
-
-
-def scan_gpds(data_root: str | os.PathLike) -> dict[str, FoundScans]:
-    """The scans of each folder split of a GPDS-style root: train/{genuine,forge}/ and test/{subject}/{genuine,forge}/."""
-    root = Path(data_root)
-    folders = {"train": [root / "train"], "test": sorted(p for p in (root / "test").glob("*") if p.is_dir())}
-    if not (root / "train").is_dir() and not folders["test"]:
-        raise FileNotFoundError(
-            f"neither {root / 'train'} nor {root / 'test'} found: a GPDS-style root holds train/genuine/, "
-            "train/forge/ and test/{subject}/genuine/, test/{subject}/forge/"
-        )
-    splits = {}
-    for split, bases in folders.items():
-        found = FoundScans("c-{w}-{nn} / cf-{w}-{nn}")
-        for base in bases:
-            for kind in ("genuine", "forge"):
-                if not (base / kind).is_dir():
-                    continue
-                for entry in os.scandir(base / kind):
-                    relative = Path(entry.path).relative_to(root).as_posix()
-                    match = GPDS_NAME.match(entry.name)
-                    if match:
-                        found.add(match.group(2), kind == "forge", match.group(3), relative)
-                    else:
-                        found.skip(relative)
-        splits[split] = found
-    return splits
-
-
-# ---------------------------------------------------------------------------
 # Splitting writers
 
 
@@ -263,13 +178,38 @@ def split_sizes(n_writers: int, test_ratio: float, val_ratio: float, test_option
     """
     for name, ratio in ((test_option, test_ratio), ("val_ratio", val_ratio)):
         if not 0 <= ratio < 1:
-            raise ValueError(f"{option(name)} must be in [0, 1), got {ratio}")
+            raise InputError(f"{option(name)} must be in [0, 1), got {ratio}")
     n_test = max(round(n_writers * test_ratio), 1) if test_ratio > 0 else 0
     n_val = max(round(n_writers * val_ratio), 1) if val_ratio > 0 else 0
     if n_test + n_val >= n_writers:
-        raise ValueError(
+        raise InputError(
             f"{n_writers} usable writers are too few for {n_test} test and {n_val} validation writers and one "
             f"for training: lower {option('val_ratio')}"
             + (f" or {'raise' if test_option == 'train_ratio' else 'lower'} {option(test_option)}" if n_test else "")
         )
     return n_test, n_val
+
+
+def write_splits(out_dir: Path, split_pairs: dict[str, list[Pair]], writers: dict[str, list[int]],
+                 notes: list[str]) -> dict:
+    """Write one pair file a split (validation only when it has writers); a generator's return value.
+
+    A gray_val.txt left by an earlier run with a validation split is removed:
+    its writers may now be training writers. Each note is also a warning.
+
+    Returns:
+        dict: files {split: path}, writers {split: [ids]}, counts {split: {pairs, genuine, forgery}},
+        notes (what was odd in the folder).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, counts = {}, {}
+    for split, pairs in split_pairs.items():
+        if split == "val" and not writers.get("val"):
+            (out_dir / PAIR_FILES["val"]).unlink(missing_ok=True)
+            continue
+        files[split] = str(out_dir / PAIR_FILES[split])
+        write_pair_file(files[split], pairs)
+        counts[split] = count_pairs(pairs)
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return {"files": files, "writers": {s: writers[s] for s in files}, "counts": counts, "notes": notes}

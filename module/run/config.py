@@ -8,16 +8,25 @@ it as a plain dict, so a run can be rebuilt from its checkpoint alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from models.errors import InputError
+from module.core.wording import option
+from module.data.datasets import DATASETS
+
 if TYPE_CHECKING:  # imported where needed: the command line builds its options from this class before loading torch
     import torch
 
-__all__ = ["FinetuneConfig"]
+__all__ = ["ConfigError", "FinetuneConfig"]
+
+
+class ConfigError(InputError):
+    """A setting of a run is not valid (the message names each, in the words of the interface in use)."""
 
 
 def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:  # noqa: A002 - argparse's word
@@ -43,7 +52,7 @@ class FinetuneConfig:
     """
 
     # data (read by build_datasets and build_model)
-    dataset: str = _setting("cedar", "dataset layout", ("cedar", "gpds", "bhsig"))
+    dataset: str = _setting("cedar", "dataset layout", tuple(DATASETS))
     data_root: str = _setting("", "folder holding the scans and the gray_{train,val,test}.txt pair files")
     pretrained: str = _setting("", "DetailSemNet weights for build_model: a .pth file (empty: a fresh backbone)")
     ckpt_dir: str = _setting("checkpoints", "run folder: epoch_NNNN.pt, best.pt, metrics, plots (on Google Drive in Colab)")
@@ -54,7 +63,7 @@ class FinetuneConfig:
     # what trains
     fast_head_only: bool = _setting(True, "embed each image once and train head_str on the cached features (no "
                                           "augmentation); off: every pair through the backbone each epoch, augmented")
-    unfreeze_blocks: int = _setting(0, "also train the backbone's last N blocks (needs --no-fast-head-only)")
+    unfreeze_blocks: int = _setting(0, "also train the backbone's last N blocks (on the per-pair path: fast_head_only off)")
     # optimisation (AdamW; learning rates per epoch, see the class docstring)
     epochs: int = _setting(10, "epochs to train")
     batch_size: int = _setting(32, "training pairs per optimizer step")
@@ -93,45 +102,45 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, str):  # "CEDAR", and the seed's spelling "gdps", name the same layouts
-            self.dataset = {"gdps": "gpds"}.get(self.dataset.lower(), self.dataset.lower())
+            self.dataset = next((layout.name for layout in DATASETS.values()
+                                 if self.dataset.lower() in (layout.name, *layout.aliases)), self.dataset)
         problems = []
         for setting in dataclasses.fields(self):
             choices = setting.metadata.get("choices")
             if choices and getattr(self, setting.name) not in choices:
-                problems.append(f"{setting.name} must be one of {', '.join(choices)}; got {getattr(self, setting.name)!r}")
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            problems.append(f"batch sizes must be >= 1, got {self.batch_size} and {self.eval_batch_size}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            problems.append(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
-        if self.warmup_multiplier < 1:
-            problems.append(f"warmup_multiplier must be >= 1, got {self.warmup_multiplier}")
-        if self.lr <= 0 or self.lr_blocks <= 0:
-            problems.append(f"learning rates must be > 0, got lr={self.lr}, lr_blocks={self.lr_blocks}")
-        if self.patience < 1:
-            problems.append(f"patience must be >= 1, got {self.patience}")
-        if not 0 <= self.min_improvement < 1:
-            problems.append(f"min_improvement is relative and must be in [0, 1), got {self.min_improvement}")
-        if self.max_train_pairs_per_epoch < 0:
-            problems.append(f"max_train_pairs_per_epoch must be >= 0 (0: every pair), got {self.max_train_pairs_per_epoch}")
-        if self.keep_last < 1:
-            problems.append(f"keep_last must be >= 1, got {self.keep_last}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.unfreeze_blocks < 0:
-            problems.append(f"unfreeze_blocks must be >= 0, got {self.unfreeze_blocks}")
+                problems.append(f"{option(setting.name)} must be one of {', '.join(choices)}; "
+                                f"got {getattr(self, setting.name)!r}")
+
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                problems.append(f"{option(name)} {rule}, got {getattr(self, name)!r}")
+
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+              f"must be in [0, {option('epochs')}={self.epochs}) (lower it, or train more epochs)")
+        check(self.warmup_multiplier >= 1, "warmup_multiplier", "must be >= 1")
+        for name in ("lr", "lr_blocks"):
+            check(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a finite number > 0")
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
+        check(math.isfinite(self.temp), "temp", "must be a finite number")
+        check(self.patience >= 1, "patience", "must be >= 1")
+        check(0 <= self.min_improvement < 1, "min_improvement", "is relative and must be in [0, 1)")
+        check(self.max_train_pairs_per_epoch >= 0, "max_train_pairs_per_epoch", "must be >= 0 (0: every pair)")
+        check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.unfreeze_blocks >= 0, "unfreeze_blocks", "must be >= 0")
         if self.fast_head_only and self.unfreeze_blocks:
             problems.append(
-                "fast_head_only caches backbone features, so the backbone must stay frozen: "
-                "set unfreeze_blocks=0, or fast_head_only=False to train the last blocks on the per-pair path"
+                f"{option('fast_head_only')} caches backbone features, so the backbone must stay frozen: set "
+                f"{option('unfreeze_blocks', 0)}, or {option('fast_head_only', False)} to train the last blocks on the "
+                "per-pair path"
             )
-        if self.image_size < 32 or self.image_size % 32:
-            problems.append(f"image_size must be a positive multiple of 32, got {self.image_size}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            problems.append(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
+        check(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "must be a positive multiple of 32")
+        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "must be auto, cpu or cuda[:n]")
         if problems:
-            raise ValueError("invalid FinetuneConfig:\n  " + "\n  ".join(problems))
+            raise ConfigError("invalid settings: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (str, int, float, bool values)."""
@@ -143,7 +152,7 @@ class FinetuneConfig:
         known = {setting.name for setting in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown FinetuneConfig settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown FinetuneConfig settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**dict(values))
 
     @classmethod
@@ -156,7 +165,7 @@ class FinetuneConfig:
         known = {setting.name for setting in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown FinetuneConfig settings: {', '.join(unknown)}")
+            raise ConfigError(f"unknown FinetuneConfig settings: {', '.join(unknown)}")
         values = {name.lower(): value for name, value in namespace.items()
                   if isinstance(name, str) and name.isupper() and name.lower() in known}
         values.update(overrides)
@@ -177,13 +186,13 @@ class FinetuneConfig:
         ``cuda`` are this process's GPU, ``cuda:LOCAL_RANK``.
 
         Raises:
-            ValueError: CUDA was asked for and this machine has none.
+            ConfigError: CUDA was asked for and this machine has none.
         """
         import torch
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} was asked for, but this machine has no CUDA GPU; "
-                             "use device 'auto' or 'cpu'")
+            raise ConfigError(f"{option('device', self.device)} was asked for, but this machine has no CUDA GPU; "
+                              f"use {option('device', 'auto')} or {option('device', 'cpu')}")
         if self.device == "auto" and not torch.cuda.is_available():
             return torch.device("cpu")
         if self.device in ("auto", "cuda"):
@@ -193,5 +202,5 @@ class FinetuneConfig:
 
     @property
     def autocast(self) -> bool | str:
-        """What ``amp`` arguments take: ``False``, or the autocast dtype's name (CUDA only; see ``module.features``)."""
+        """What ``amp`` arguments take: ``False``, or the autocast dtype's name (CUDA only; see ``module.core.precision``)."""
         return self.amp_dtype if self.amp else False

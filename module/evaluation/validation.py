@@ -1,16 +1,14 @@
-"""Evaluation: a model's distances, loss and metrics on a set of pairs, and the reports written from them.
+"""A model's distances, loss and metrics on a set of pairs: per pair, per writer, and against several references.
 
 ``validate`` runs the model in eval mode (the Sinkhorn's evaluation
 epsilon) over a pair dataset, a ``FeatureCache`` or a ``DataLoader`` of
-image pairs; ``evaluate_and_report`` also writes the metrics JSON, the
-writer-level figures and the ROC and distance plots.
-``evaluate_with_references`` evaluates the way a bank verifies: each query
-against several references of its writer. ``explain_worst_errors`` draws why
-the model made its worst mistakes.
+image pairs. ``writer_metrics_of`` adds the writer-level figures, reading
+each pair's writer and kind from its file names; ``evaluate_with_references``
+evaluates the way a bank verifies: each query against several references of
+its writer.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections import defaultdict
@@ -24,20 +22,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from module.checkpoint import BEST_CHECKPOINT, read_checkpoint
-from module.config import FinetuneConfig
-from module.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
-from module.epoch_order import share
-from module.features import FeatureCache, compute_features, model_device, pair_distances
-from module.loss import NonFiniteLossError
-from module.metrics import (AGGREGATES, compute_metrics, compute_writer_metrics, save_metrics_json,
-                            save_per_writer_csv)
-from module.pair_files import pair_kind, signature_of
-from module.plots import plot_explanation, plot_roc_curve, plot_score_distribution, plot_writer_eers
-from module.wording import option
+from models.errors import InputError
+from models.loss import NonFiniteLossError
+from module.core.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
+from module.core.precision import model_device
+from module.core.wording import option
+from module.data.datasets import pair_kind, signature_of
+from module.data.epoch_order import share
+from module.evaluation.metrics import AGGREGATES, compute_metrics, compute_writer_metrics
+from module.features.cache import FeatureCache, compute_features
+from module.features.loaders import pair_distances
+from module.run.config import FinetuneConfig
 
-__all__ = ["validate", "evaluate_and_report", "starting_model_note", "writer_metrics_of", "evaluate_with_references",
-           "worst_errors", "explain_worst_errors"]
+__all__ = ["evaluate_with_references", "reference_trials", "validate", "writer_metrics_of"]
 
 
 def validate(
@@ -53,8 +50,8 @@ def validate(
     progress: bool = True,
     desc: str = "validation",
     group: ProcessGroup = SINGLE_PROCESS,
-) -> tuple[float, dict[str, Any]]:
-    """Loss and metrics of ``model`` (eval mode, Sinkhorn eval epsilon) on a set of pairs.
+) -> dict[str, Any]:
+    """Metrics and loss of ``model`` (eval mode, Sinkhorn eval epsilon) on a set of pairs.
 
     Args:
         data: a pair dataset (each distinct image is embedded once, then the
@@ -65,8 +62,8 @@ def validate(
             pairs (of a dataset or cache), and every process gets all the distances.
 
     Returns:
-        ``(loss, metrics)``: the mean loss per pair, and ``compute_metrics``'
-        dict plus ``loss``, ``distances`` ``[P]`` float64 and ``labels`` ``[P]`` int64.
+        ``compute_metrics``' dict plus ``loss`` (the mean loss per pair), ``distances`` ``[P]`` float64 and
+        ``labels`` ``[P]`` int64.
     """
     device = torch.device(device) if device is not None else model_device(model)
     if isinstance(data, DataLoader):
@@ -91,7 +88,7 @@ def validate(
                 all_distances = gather_in_order(all_distances, mine, total, group)
                 all_labels = gather_in_order(all_labels, mine, total, group)
             if not len(all_distances):
-                raise ValueError("validation got no pairs")
+                raise InputError(f"{desc} got no pairs")
             # From every pair's distance at once: the same number whatever the batches or the processes were.
             loss = model.loss_fn(all_distances.reshape(-1, 1), all_labels.double().reshape(-1, 1)).item()
     finally:
@@ -102,7 +99,7 @@ def validate(
         raise NonFiniteLossError(f"{desc} loss is {loss}: {bad} of {len(all_distances)} distances are NaN or infinite")
     metrics = compute_metrics(all_distances, all_labels)
     metrics.update(loss=loss, distances=all_distances, labels=all_labels)
-    return loss, metrics
+    return metrics
 
 
 def _pair_paths(data: Any) -> list[tuple[str, str]]:
@@ -135,60 +132,9 @@ def writer_metrics_of(data: Any, distances: Any, labels: Any) -> dict[str, Any] 
     if reason is not None:
         warnings.warn(f"no writer-level figures: {reason}", stacklevel=2)
         return None
-    return compute_writer_metrics(distances, [signature_of(ref)[0] for ref, _ in pairs], kinds)
+    return compute_writer_metrics(distances, [signature_of(ref).writer for ref, _ in pairs], kinds)
 
 
-def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: str,
-                        config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
-    """Validate ``model`` on ``data`` (a pair dataset or a ``FeatureCache``) and write its report into ``out_dir``.
-
-    A dataset's features come from, and go to, the feature store of
-    ``config`` (``config.feature_store_dir()``). Files: ``{name}_metrics.json`` (no arrays), ``{name}_roc.png``,
-    ``{name}_scores.png``; when the file names give each pair's writer and
-    kind (``writer_metrics_of``), also ``{name}_per_writer.csv`` and
-    ``{name}_writer_eers.png``. Returns ``validate``'s metrics (with
-    ``threshold``, ``distances`` and ``labels``) and ``writer_level``
-    (``compute_writer_metrics``' dict, or ``None``). Runs on the model's device.
-    """
-    out_dir = Path(out_dir)
-    _, metrics = validate(model, data, batch_size=config.eval_batch_size, amp=config.autocast,
-                          feature_dtype=config.feature_dtype, feature_dir=config.feature_store_dir(),
-                          num_workers=config.num_workers, progress=progress, desc=name)
-    metrics["writer_level"] = writer_metrics_of(data, metrics["distances"], metrics["labels"])
-    save_metrics_json(metrics, out_dir / f"{name}_metrics.json")
-    plot_roc_curve(metrics, out_dir / f"{name}_roc.png", title=f"ROC curve: {name}")
-    plot_score_distribution(metrics, out_dir / f"{name}_scores.png", title=f"Distance distribution: {name}")
-    if metrics["writer_level"] is not None:
-        save_per_writer_csv(metrics["writer_level"], out_dir / f"{name}_per_writer.csv")
-        if metrics["writer_level"]["per_writer"]:
-            plot_writer_eers(metrics["writer_level"], out_dir / f"{name}_writer_eers.png",
-                             title=f"EER of each writer, genuine vs skilled: {name}")
-    return metrics
-
-
-def starting_model_note(run: str | Path) -> str | None:
-    """A warning for a run whose best model is its starting model (epoch 0), or whose backbone is fresh; None otherwise.
-
-    ``run``: a run folder (its ``best.pt`` is read) or a checkpoint file. The
-    test EER before and after fine-tuning is quoted when the run folder holds it.
-    """
-    checkpoint_file = Path(run) / BEST_CHECKPOINT if Path(run).is_dir() else Path(run)
-    checkpoint = read_checkpoint(checkpoint_file)
-    folder = checkpoint_file.parent
-    notes = []
-    if checkpoint.get("best_epoch") == 0:
-        notes.append("fine-tuning did not improve on the starting model: the best validation figure is epoch 0's, "
-                     "so this run's model is the one it started from")
-    if not checkpoint["config"].get("pretrained"):
-        notes.append(f"its backbone is fresh (trained without {option('pretrained')} weights), so its distances say "
-                     "little about a writer")
-    if not notes:
-        return None
-    eers = {name: json.loads((folder / f"{name}_metrics.json").read_text())["eer"]
-            for name in ("test_before", "test") if (folder / f"{name}_metrics.json").is_file()}
-    quoted = ", ".join(f"{'before fine-tuning' if name == 'test_before' else 'after'} {100 * eer:.1f} %"
-                       for name, eer in eers.items())
-    return "; ".join(notes) + (f" (test EER {quoted})" if quoted else "")
 def reference_trials(pairs: Sequence[tuple[str, str]], references: int,
                      rng: np.random.Generator) -> tuple[list[tuple[list[str], str, int, str]], list[int]]:
     """The trials of a bank's protocol over the images of ``pairs`` (kinds from file names; others are ignored).
@@ -211,7 +157,7 @@ def reference_trials(pairs: Sequence[tuple[str, str]], references: int,
         kind = pair_kind(ref, query)
         if kind is None:
             continue
-        writer = signature_of(ref)[0]
+        writer = signature_of(ref).writer
         genuine[writer].add(ref)
         queries = {"genuine": genuine, "skilled": forged, "random": claimed}[kind]
         queries[writer].add(query)
@@ -247,13 +193,13 @@ def evaluate_with_references(model: nn.Module, data: Any, references: int, confi
         (too few genuine signatures for that many references).
     """
     if references < 1:
-        raise ValueError(f"references must be 1 or more, got {references}")
+        raise InputError(f"{option('references')} must be 1 or more, got {references}")
     if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+        raise InputError(f"{option('aggregate')} must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
     trials, left_out = reference_trials(_pair_paths(data), references, np.random.default_rng(seed))
     if not trials:
-        raise ValueError(f"no writer of {getattr(data, 'pair_file', 'the pairs')} has more than {references} genuine "
-                         "signatures (or their file names follow no known layout): use fewer references")
+        raise InputError(f"no writer of {getattr(data, 'pair_file', 'the pairs')} has more than {references} genuine "
+                         f"signatures (or their file names follow no known layout): use a smaller {option('references')}")
     cache = data if isinstance(data, FeatureCache) else compute_features(
         model, data, batch_size=config.eval_batch_size, dtype=config.feature_dtype,
         feature_dir=config.feature_store_dir(), amp=config.autocast, num_workers=config.num_workers, progress=progress,
@@ -262,51 +208,10 @@ def evaluate_with_references(model: nn.Module, data: Any, references: int, confi
     pair_rows = torch.tensor([[row_of[ref], row_of[query]] for refs, query, _, _ in trials for ref in refs])
     labels = torch.tensor([[float(kind == "genuine")] for _, _, _, kind in trials for _ in range(references)])
     trial_cache = FeatureCache(cache.paths, cache.tokens, cache.kept, pair_rows, labels)
-    _, pair_metrics = validate(model, trial_cache, batch_size=config.eval_batch_size, amp=config.autocast,
+    pair_metrics = validate(model, trial_cache, batch_size=config.eval_batch_size, amp=config.autocast,
                                progress=progress, desc=f"{references} references a query")
     distances = getattr(np, aggregate)(pair_metrics["distances"].reshape(len(trials), references), axis=1)
     metrics = compute_writer_metrics(distances, [writer for _, _, writer, _ in trials], [kind for *_, kind in trials])
     metrics.update(references=references, aggregate=aggregate, seed=seed, n_trials=len(trials),
                    writers_left_out=left_out)
     return metrics
-
-
-def worst_errors(metrics: dict[str, Any], threshold: float) -> dict[str, int | None]:
-    """Pair indices of the worst mistakes at ``threshold`` (``validate``'s ``distances`` and ``labels``).
-
-    ``"false accept"``: the forged pair with the smallest distance at or below
-    the threshold; ``"false reject"``: the genuine pair with the largest
-    distance above it; ``None`` where there is no such mistake.
-    """
-    distances = np.asarray(metrics["distances"], dtype=np.float64).reshape(-1)
-    genuine = np.asarray(metrics["labels"]).reshape(-1) == 1
-    accepted = np.flatnonzero(~genuine & (distances <= threshold))
-    rejected = np.flatnonzero(genuine & (distances > threshold))
-    return {
-        "false accept": int(accepted[np.argmin(distances[accepted])]) if accepted.size else None,
-        "false reject": int(rejected[np.argmax(distances[rejected])]) if rejected.size else None,
-    }
-
-
-def explain_worst_errors(model: nn.Module, dataset: Any, metrics: dict[str, Any], threshold: float,
-                         out_dir: str | Path, name: str = "test") -> dict[str, Path | None]:
-    """Explanation figures (``plot_explanation``) of the ``worst_errors`` of a pair dataset's ``validate`` metrics.
-
-    Writes ``{name}_worst_false_accept.png`` and ``{name}_worst_false_reject.png``
-    into ``out_dir``; returns ``{mistake: path or None}``.
-    """
-    device = model_device(model)
-    figures: dict[str, Path | None] = {}
-    for mistake, index in worst_errors(metrics, threshold).items():
-        if index is None:
-            figures[mistake] = None
-            continue
-        ref_path, query_path, label = dataset.pairs[index]
-        ref, query = dataset.load_image(ref_path), dataset.load_image(query_path)
-        explanation = model.explain(ref.to(device), query.to(device))
-        title = (f"worst {mistake} of {name}: {Path(query_path).name} against {Path(ref_path).name} "
-                 f"({'genuine' if label == 1 else 'forged'})")
-        figures[mistake] = plot_explanation(explanation, ref, query,
-                                            Path(out_dir) / f"{name}_worst_{mistake.replace(' ', '_')}.png",
-                                            threshold=threshold, title=title)
-    return figures

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from module.io import atomic_write_text, write_json
+from module.core.io import atomic_write_text, write_json
 
-__all__ = ["compute_metrics", "compute_writer_metrics", "format_metric", "save_metrics_json", "save_per_writer_csv",
+__all__ = ["compute_metrics", "compute_writer_metrics", "save_metrics_json", "save_per_writer_csv",
            "ROC_KEYS", "AGGREGATES", "PAIR_KINDS", "PER_WRITER_COLUMNS"]
 
 # The kinds of query a pair can hold: the reference writer's own genuine signature, a skilled forgery of it,
@@ -229,8 +229,3 @@ def save_per_writer_csv(writer_metrics: Mapping[str, Any], path: str | Path) -> 
     writer.writerow(PER_WRITER_COLUMNS)
     writer.writerows([record[column] for column in PER_WRITER_COLUMNS] for record in writer_metrics["per_writer"])
     return atomic_write_text(path, buffer.getvalue())
-
-
-def format_metric(name: str, value: float) -> str:
-    """A validation figure for a log line: ``EER 12.34%`` (``value`` a fraction) or ``loss 0.1234``."""
-    return f"EER {100 * value:.2f}%" if name == "eer" else f"loss {value:.4f}"

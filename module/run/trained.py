@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from model_v3 import ViT_for_OSV_DSNet, load_pretrained
-from module.checkpoint import BEST_CHECKPOINT, seed_everything
-from module.config import FinetuneConfig
-from module.pair_files import PAIR_FILES
-from module.run_folder import BEST_WEIGHTS, read_run_checkpoint, rebuild_trained_model
-from prepare_datasets import pair_file_fix
-from sig_dataloader_colab import SigDataset_BHSig_Colab, SigDataset_CEDAR_Colab, SigDataset_GDPS_Colab
+from models.errors import InputError
+from models.weights import CheckpointError, CheckpointMismatchError, recorded_checksum
+from module.core.wording import option, rerun_hint, step
+from module.data.pair_dataset import SignaturePairDataset
+from module.data.pair_files import PAIR_FILES
+from module.data.prepare import pair_file_fix
+from module.run.checkpoint import BEST_CHECKPOINT, frozen_fingerprint, load_trained_state, read_checkpoint
+from module.run.config import FinetuneConfig
+from module.run.folder import BEST_WEIGHTS, RunFolderError
+from module.run.rng import seed_everything
 
-__all__ = ["DATASET_CLASSES", "EVALUATED_SPLITS", "build_datasets", "build_model", "load_trained_model", "run_threshold"]
+__all__ = ["EVALUATED_SPLITS", "build_datasets", "build_model", "load_trained_model", "read_run_checkpoint",
+           "rebuild_trained_model", "run_threshold"]
 
-DATASET_CLASSES = {"cedar": SigDataset_CEDAR_Colab, "gpds": SigDataset_GDPS_Colab, "bhsig": SigDataset_BHSig_Colab}
 # The splits a run is reported on; the first one that has metrics gives a run's threshold.
 EVALUATED_SPLITS = ("val", "test")
 
@@ -49,17 +55,17 @@ def build_datasets(config: FinetuneConfig, splits: Sequence[str] = ("train", "va
     ``train`` augments (which the fast path ignores). A missing pair file or
     image raises the dataset's error, which names the command that makes it.
     """
-    dataset_class = DATASET_CLASSES[config.dataset]
     unknown = [split for split in splits if split not in PAIR_FILES]
     if unknown:
-        raise ValueError(f"unknown split(s) {unknown}: choose from {', '.join(PAIR_FILES)}")
+        raise InputError(f"unknown split(s) {unknown}: choose from {', '.join(PAIR_FILES)}")
     missing = [split for split in splits if not (Path(config.data_root) / PAIR_FILES[split]).is_file()]
     if missing and Path(config.data_root).is_dir():
         raise FileNotFoundError(f"{', '.join(PAIR_FILES[split] for split in missing)} not found in {config.data_root}. "
                                 f"Fix: {pair_file_fix(config.dataset, config.data_root, missing)}")
     return {
-        split: dataset_class(None, config.data_root, train=split == "train", image_size=config.image_size,
-                             pair_file=PAIR_FILES[split], augment=split == "train", cache_dir=config.cache_dir or None)
+        split: SignaturePairDataset(None, config.data_root, train=split == "train", image_size=config.image_size,
+                                    pair_file=PAIR_FILES[split], augment=split == "train",
+                                    cache_dir=config.cache_dir or None, dataset=config.dataset)
         for split in splits
     }
 
@@ -109,5 +115,50 @@ def run_threshold(run: str | Path) -> tuple[float, str]:
         metrics_file = folder / f"{split}_metrics.json"
         if metrics_file.is_file():
             return float(json.loads(metrics_file.read_text())["threshold"]), f"EER threshold of {metrics_file}"
+    evaluate = step(f"python finetune.py evaluate --run {folder}", "run PART 7 to its end",
+                    "evaluate_and_report(model, data, run_folder, 'val', config)")
     raise FileNotFoundError(f"no val_metrics.json or test_metrics.json in {folder}. Fix: evaluate the run first "
-                            "(`python finetune.py evaluate --run ...`), or give a threshold.")
+                            f"({evaluate}), or give {option('threshold')}.")
+
+
+
+def read_run_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``read_checkpoint`` for evaluation; a damaged ``best.pt`` is refused with how to make it again."""
+    path = Path(path)
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as error:
+        if path.name != BEST_CHECKPOINT or recorded_checksum(path) is None or "damaged" not in str(error):
+            raise
+        raise CheckpointError(f"{error}. Fix: {rerun_hint()} with the run's settings (it makes best.pt again from the "
+                              "best epoch's checkpoint, and trains nothing when the run is finished).") from error
+
+
+def rebuild_trained_model(checkpoint: dict[str, Any], source: str | Path,
+                          base_weights: Sequence[tuple[str, Callable[[], nn.Module]]]) -> nn.Module:
+    """A model holding a checkpoint's trained tensors on top of the frozen weights it was trained on.
+
+    A checkpoint holds only what trains; the rest comes from the first of
+    ``base_weights`` (``(description, build)`` pairs, tried in order) whose
+    frozen weights have the checkpoint's fingerprint.
+
+    Raises:
+        RunFolderError: none has them; the message says what was tried and why each failed.
+    """
+    trained = list(checkpoint["trained_state_dict"])
+    tried = []
+    for description, build in base_weights:
+        try:
+            model = build()
+        except (OSError, CheckpointError, CheckpointMismatchError) as error:
+            tried.append(f"{description}: {' '.join(str(error).split())[:200]}")
+            continue
+        fingerprint = frozen_fingerprint(model, trained)
+        if fingerprint == checkpoint["frozen_fingerprint"]:
+            return load_trained_state(model, checkpoint, str(source), fingerprint)
+        tried.append(f"{description}: other weights")
+    raise RunFolderError(
+        f"cannot rebuild the model of {source}: it holds only the {len(trained)} trained tensors, and the frozen "
+        f"weights they apply to were not found ({'; '.join(tried)}). Fix: keep {BEST_WEIGHTS} in the run folder "
+        "(it holds the whole model), or put the run's pretrained weights back where they were."
+    )

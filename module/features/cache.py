@@ -3,18 +3,13 @@
 With the backbone frozen and no augmentation, ``model.embed`` of an image
 never changes, so ``compute_features`` embeds every distinct image of a pair
 dataset once (or finds it in the persistent feature store,
-module/feature_store.py), and each epoch runs only ``model.compare`` on the
-features. ``make_pair_loader`` builds the loader of either path: over a
-``FeatureCache`` (batches of ``CachedPairBatch``) or over a pair dataset
-(batches of images, two backbone passes a pair); ``make_epoch_loader`` is the
-training loop's, in the order of ``module/epoch_order.py``. Under torchrun the
-processes share the embedding: each embeds its share of the images.
+``module/features/store.py``), and each epoch runs only ``model.compare`` on
+the features (``module/features/loaders.py``). Under torchrun the processes
+share the embedding: each embeds its share of the images.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,9 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from model_v3 import TokenFeatures
-from module.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
-from module.epoch_order import EpochSampler, SeededItems, share
-from module.feature_store import (
+from models.errors import InputError
+from module.core.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
+from module.core.precision import autocast, autocast_dtype, model_device
+from module.data.epoch_order import share
+from module.features.store import (
     CHUNK_BYTES,
     RAM_SHARE,
     ChunkedTokens,
@@ -39,15 +36,7 @@ from module.feature_store import (
     resolve_feature_dtype,
 )
 
-__all__ = [
-    "AMP_DTYPES", "CachedPairBatch", "FeatureCache", "PairDistances", "autocast", "autocast_dtype", "compute_features",
-    "make_epoch_loader", "make_pair_loader", "model_device", "pair_distances", "pair_labels",
-]
-
-# Mixed precision for the backbone on CUDA: float16 (needs a gradient scaler), or bfloat16 (the range of
-# float32, so no scaler; Ampere and newer GPUs). The EMD always runs in float64.
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
+__all__ = ["CachedPairBatch", "FeatureCache", "compute_features", "pair_labels"]
 
 class CachedPairBatch(NamedTuple):
     """Pairs as cached backbone features.
@@ -133,34 +122,11 @@ class FeatureCache(Dataset):
                 f"{self.tokens.dtype} in {storage})")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter."""
-    return next(model.parameters()).device
-
-
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     resolved = {"float32": torch.float32, "float16": torch.float16}.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in (torch.float32, torch.float16):
-        raise ValueError(f"feature dtype must be float32, float16 or auto, got {dtype!r}")
+        raise InputError(f"feature dtype must be float32, float16 or auto, got {dtype!r}")
     return resolved
-
-
-def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
-    """The backbone's autocast dtype: ``None`` (full precision) unless ``amp`` and CUDA; ``amp`` is ``True``
-    (float16), or an ``AMP_DTYPES`` name. On the CPU mixed precision would only slow the backbone."""
-    if not amp or device.type != "cuda":
-        return None
-    dtype = AMP_DTYPES["float16" if amp is True else amp]
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"amp_dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic "
-                         "(Ampere and newer GPUs have it; Colab's T4 does not): use amp_dtype=float16")
-    return dtype
-
-
-def autocast(device: torch.device, amp: bool | str) -> AbstractContextManager:
-    """``torch.autocast`` of the backbone for ``autocast_dtype(amp, device)`` (off when that is ``None``)."""
-    dtype = autocast_dtype(amp, device)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def pair_labels(data: Any) -> np.ndarray:
@@ -313,83 +279,3 @@ def _commit(store: FeatureStore, pending: list[tuple[list[str], torch.Tensor, to
     size = len(paths) if size is None else size
     store.commit(paths[:size], tokens[:size].numpy(), kept[:size].numpy())
     return [(paths[size:], tokens[size:], kept[size:])] if size < len(paths) else []
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; NumPy and random are derived from it so that
-    # augmentation drawing from either differs between workers and epochs and repeats on resume.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_pair_loader(
-    data: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A ``DataLoader`` of pairs: over a ``FeatureCache`` (fast path) or a pair dataset (per-pair path).
-
-    ``generator`` orders the pairs and seeds the workers. Batches are
-    ``CachedPairBatch`` (fast path) or ``(pairs [B, 2, S, S], labels [B, 1, 1])``
-    (per-pair path). The training loop uses ``make_epoch_loader`` instead.
-    """
-    generator = generator if generator is not None else torch.Generator()
-    if isinstance(data, FeatureCache):
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=data.collate)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      worker_init_fn=_seed_worker, pin_memory=pin_memory)
-
-
-def make_epoch_loader(data: Dataset, batch_size: int, seed: int, *, group: ProcessGroup = SINGLE_PROCESS,
-                      max_pairs: int = 0, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """The training loop's loader: this process's share of each global batch, in the epoch's order.
-
-    Call ``loader.batch_sampler.set_epoch(epoch)`` before each epoch; its
-    ``shares()`` are the loss weights (``module/epoch_order.py``). Over a
-    pair dataset each pair's augmentation is seeded by the pair and the
-    epoch, whichever process or worker loads it.
-    """
-    fast = isinstance(data, FeatureCache)
-    sampler = EpochSampler(len(data), batch_size, seed, group, max_pairs=max_pairs,
-                           labels=pair_labels(data) if max_pairs else None, with_seeds=not fast)
-    if fast:
-        return DataLoader(data, batch_sampler=sampler, collate_fn=data.collate)
-    return DataLoader(SeededItems(data), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator())  # the loader's own seed is not drawn from the global generator
-
-
-def pair_distances(model: nn.Module, batch: Any, device: torch.device, amp: bool | str
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(distance [B, 1], labels [B, 1])`` of a batch from either path.
-
-    The per-pair path computes what ``model.forward`` does: two backbone
-    passes, then ``compare``; ``compare`` runs outside autocast, and the EMD in float64.
-    """
-    if isinstance(batch, CachedPairBatch):
-        distance = model.compare(batch.ref.to(device), batch.query.to(device))
-        return distance, batch.labels.to(device)
-    pairs, labels = batch
-    pairs = pairs.to(device, non_blocking=True)
-    with autocast(device, amp):
-        ref, query = model.embed(pairs[:, 0:1]), model.embed(pairs[:, 1:2])
-    distance = model.compare(ref, query)
-    return distance, labels.reshape(-1, 1).to(device, torch.float32)
-
-
-class PairDistances(nn.Module):
-    """``pair_distances`` of a model as a module, which DistributedDataParallel can wrap for the training step.
-
-    ``forward(batch, device, amp) -> (distance [B, 1], labels [B, 1])``, either path's batch.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Any, device: torch.device, amp: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_distances(self.model, batch, device, amp)

@@ -13,6 +13,7 @@ import errno
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 
 __all__ = ["atomic_write", "atomic_write_text", "write_json", "json_value", "remove_temporary_files", "TEMPORARY_SUFFIX",
            "naming_path"]
@@ -110,7 +110,8 @@ def json_value(value: Any) -> Any:
         return {str(key): json_value(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_value(item) for item in value]
-    if isinstance(value, (np.ndarray, torch.Tensor)):
+    torch = sys.modules.get("torch")  # a tensor can exist only once torch is imported; this module does not need it
+    if isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor)):
         return json_value(value.tolist())
     if isinstance(value, (np.bool_, bool)):
         return bool(value)
