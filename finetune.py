@@ -5,6 +5,8 @@
     python finetune.py train cedar DATA_ROOT --out runs/cedar --pretrained weights.pth
     python finetune.py evaluate --run runs/cedar             # best model on the test split
     python finetune.py verify REF.png [REF2.png ...] QUERY.png --run runs/cedar
+    python finetune.py serve --run runs/cedar                # the verification page, on 127.0.0.1
+    python finetune.py calibrate --run runs/cedar            # likelihood ratios for a run trained without them
 
 `train` continues from the newest checkpoint in --out (stop it any time, run
 the same command again); --no-resume starts over. Each command exits with
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -89,17 +93,31 @@ def _require_folder(path: Path, what: str) -> None:
 
 
 def _require_run_folder(out: Path) -> None:
-    """--out must be a folder or not exist yet: checked before any work."""
+    """--out must be a folder this process can write, or one it can create: checked before any work (the folder is
+    not left behind when the check made it)."""
+    import tempfile
+
     from module.core.wording import option
 
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{option('ckpt_dir', out)} is a file, not a folder. Fix: give {option('ckpt_dir')} "
                                  "a folder (created when missing).")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot write the run folder {option('ckpt_dir', out)}: {error.strerror}. "
+                                       f"Fix: give {option('ckpt_dir')} a folder on a disk you can write") from error
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Synthetic corpus, pair files, fine-tuning on the fast path, evaluation before and after."""
     from module.data.prepare import ensure_pair_files
+    from module.evaluation.reports import evidence_summary
     from synthetic_signatures import ensure_synthetic_dataset
     from training_utils import train_and_report
 
@@ -119,18 +137,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     backbone = f"pretrained weights {config.pretrained}" if config.pretrained else "a fresh (untrained) backbone"
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s on {backbone}.")
     print(f"Test EER before fine-tuning {100 * before['eer']:.2f} %, after {100 * after['eer']:.2f} % "
-          f"(AUC {before['auc']:.3f} -> {after['auc']:.3f}).")
+          f"(AUC {before['auc']:.3f} -> {after['auc']:.3f}; at the test split's own EER threshold, as papers report).")
+    print("\n".join(evidence_summary(after)))
     if not config.pretrained:
         print("A fresh backbone's features say little about a writer, so the head has little to learn from and the "
               "change varies with --seed; with --pretrained weights fine-tuning has real structure to work with.")
-    print(f"Metrics JSON and plots: {out}  (test_metrics.json, history.png, test_roc.png, test_scores.png)")
+    print(f"Metrics JSON and plots: {out}  (test_metrics.json, history.png, test_roc.png, test_scores.png, "
+          "test_tippett.png, calibration.json)")
     print(f"Try: python finetune.py verify {data_root}/full_org/original_1_1.png "
           f"{data_root}/full_forg/forgeries_1_1.png --run {out}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Write (or check and keep) the train/val/test pair files of a dataset root, then check them: lines, images
-    (present, and their headers decode), duplicates, writers shared between the files."""
+    (present, and each decodes whole), duplicates, writers shared between the files."""
     from models.errors import InputError
     from module.data.datasets import DATASETS
     from module.data.prepare import ensure_pair_files, pair_options_of
@@ -153,11 +173,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune head_str on a prepared dataset; resumes from --out unless --no-resume. Under torchrun, one
     process a GPU (or CPU processes with gloo), data-parallel, with the result of one process."""
+    from module.core.distributed import end_with_the_launcher, leave_process_group
+
+    end_with_the_launcher()  # under torchrun: a worker must not outlive a killed torchrun
     data_root = Path(args.data_root)
     _require_folder(data_root, args.dataset)
     _require_run_folder(Path(args.out))
-    from module.core.distributed import leave_process_group
-    from module.evaluation.reports import starting_model_note
+    from module.evaluation.reports import evidence_summary, starting_model_note
     from training_utils import train_and_report
 
     config = config_from_args(args, dataset=args.dataset, **_resolved_run_folders(args, data_root, Path(args.out)))
@@ -169,7 +191,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     metrics = result.metrics
     print(f"\nBest model (epoch {result.run.best_epoch}): validation EER {100 * metrics['val']['eer']:.2f} %, "
-          f"test EER {100 * metrics['test']['eer']:.2f} %, test accuracy {100 * metrics['test']['accuracy']:.2f} %.")
+          f"test EER {100 * metrics['test']['eer']:.2f} %, test accuracy {100 * metrics['test']['accuracy']:.2f} % "
+          "(at the test split's own EER threshold, as papers report).")
+    print("\n".join(evidence_summary(metrics["test"])))
     note = starting_model_note(config.ckpt_dir)
     if note:
         print(f"Note: {note}.")
@@ -182,8 +206,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import dataclasses
 
     from module.data.prepare import ensure_test_pair_file
+    from module.evaluation.calibration import missing_calibration_note
     from module.evaluation.metrics import save_metrics_json
-    from module.evaluation.reports import evaluate_and_report
+    from module.evaluation.reports import OperatingBasis, evaluate_and_report, evidence_summary
     from module.evaluation.validation import evaluate_with_references
     from module.run.trained import build_datasets, load_trained_model
 
@@ -211,9 +236,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"left out, {args.references} or fewer genuine signatures: writers {metrics['writers_left_out']}")
         print(f"Written: {path}")
         return
-    metrics = evaluate_and_report(model, data, config.ckpt_dir, name, config)
+    # The validation split is where the threshold and the calibration come from: it is not scored against them.
+    basis = None if args.split == "val" else OperatingBasis.of_run(config.ckpt_dir)
+    metrics = evaluate_and_report(model, data, config.ckpt_dir, name, config, basis=basis)
     print(f"{dataset} {args.split} ({len(data)} pairs): EER {100 * metrics['eer']:.2f} %, "
-          f"accuracy {100 * metrics['accuracy']:.2f} %, AUC {metrics['auc']:.4f}, threshold {metrics['threshold']:.6g}")
+          f"accuracy {100 * metrics['accuracy']:.2f} %, AUC {metrics['auc']:.4f}, threshold {metrics['threshold']:.6g} "
+          "(at this split's own EER threshold, as papers report)")
+    print("\n".join(evidence_summary(metrics)))
+    if basis is not None and basis.calibration is None:
+        print(f"note: {missing_calibration_note(config.ckpt_dir)}")
     writers = metrics["writer_level"]
     if writers is not None:
         print(f"writer level ({len(writers['per_writer'])} writers): EER genuine vs skilled {100 * writers['eer']:.2f} %, "
@@ -246,10 +277,58 @@ def cmd_verify(args: argparse.Namespace) -> None:
     aggregate = f"{args.aggregate} distance" if len(references) > 1 else "distance"
     print(f"{aggregate} {decision.distance:.6g}, threshold {decision.threshold:.6g} ({verifier.threshold_source}): "
           f"{'GENUINE' if decision.genuine else 'FORGED'}")
+    if decision.likelihood_ratio is not None:
+        fitted = verifier.calibration.fitted_on
+        print(f"likelihood ratio {decision.likelihood_ratio:.4g} (log10 {decision.log10_likelihood_ratio:+.2f}): "
+              f"{decision.verbal_equivalent} (ENFSI verbal scale; {verifier.calibration.method} calibration fitted on "
+              f"{fitted['n_genuine'] + fitted['n_forged']} {fitted['split']} pairs)")
     if args.explain:
         print(f"Explanation (the query against its closest reference): {args.explain}")
     if note := starting_model_note(args.run):
         print(f"warning: {note}", file=sys.stderr)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Fit a trained run's likelihood ratios on its validation split, without training, and write calibration.json
+    (for runs trained before the calibration was part of a run's report); prints its Cllr figures."""
+    from module.evaluation.reports import calibrate_run
+
+    figures = calibrate_run(args.run, method=args.method)
+    fitted = figures["fitted_on"]
+    writers = f"{fitted['n_writers']} writers, " if fitted["n_writers"] is not None else ""
+    print(f"{figures['method']} calibration fitted on the validation split ({writers}{fitted['n_genuine']} genuine and "
+          f"{fitted['n_forged']} forged pairs); likelihood ratios bounded to [{figures['lr_bounds'][0]:.3g}, "
+          f"{figures['lr_bounds'][1]:.4g}]")
+    for kind in ("skilled", "random", "all"):
+        if figures.get(kind):
+            print(f"on those pairs (in-sample, so optimistic), genuine vs {kind} forgeries: Cllr "
+                  f"{figures[kind]['cllr']:.3f}, Cllr_min {figures[kind]['cllr_min']:.3f}, "
+                  f"Cllr_cal {figures[kind]['cllr_cal']:.3f} bits")
+    print(f"Written: {figures['path']}. The test split's figures: python finetune.py evaluate --run {args.run}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """The verification page of a run (Gradio: pip install -e '.[app]'): drop reference scans and a query, press
+    Verify, see the decision, the distances, the likelihood ratio and the explanation. It serves on this machine
+    only (127.0.0.1); signatures are biometric data, so a public link is made only with --share. Ctrl-C stops it."""
+    import importlib.util
+
+    from models.errors import InputError
+    from module.verifier import PAGE_INSTALL, Verifier
+
+    if importlib.util.find_spec("gradio") is None:  # before the model is loaded
+        raise InputError(f"finetune.py serve needs gradio: {PAGE_INSTALL}")
+    verifier = Verifier.from_run(args.run, threshold=args.threshold, aggregate=args.aggregate)
+    if args.share:
+        print("warning: --share: the page is public at the link below, for anyone who has it, and the scans "
+              "travel through Gradio's share servers", file=sys.stderr)
+    page = verifier.page()
+    # Gradio's own launch lines would suggest share=True; these name this command's flags.
+    _, local_url, share_url = page.launch(server_name="127.0.0.1", server_port=args.port, share=args.share,
+                                          inbrowser=False, quiet=True, prevent_thread_lock=True)
+    print(f"The verification page of {args.run}: {local_url} (this machine only)"
+          + (f" and {share_url} (public)" if share_url else "") + "; Ctrl-C stops it.", flush=True)
+    page.block_thread()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,11 +395,43 @@ def build_parser() -> argparse.ArgumentParser:
                         help="distance threshold (default: the run's validation EER threshold)")
     verify.add_argument("--aggregate", choices=("mean", "min", "max"), default="mean",
                         help="how the distances to several references combine (default %(default)s)")
-    verify.add_argument("--json", action="store_true", help="print one JSON object: distances, distance, threshold, genuine")
+    verify.add_argument("--json", action="store_true",
+                        help="print one JSON object: distances, distance, threshold, genuine, likelihood_ratio, "
+                             "log10_likelihood_ratio, verbal_equivalent")
     verify.add_argument("--explain", metavar="FIG.png", default=None,
                         help="draw why: the transport plan between the query and its closest reference")
     verify.set_defaults(handler=cmd_verify)
+
+    calibrate = commands.add_parser("calibrate", allow_abbrev=False,
+                                    help="fit a run's likelihood ratios on its validation split (calibration.json)",
+                                    description=cmd_calibrate.__doc__)
+    calibrate.add_argument("--run", required=True, help="run folder (holds best.pt) or a checkpoint file")
+    calibrate.add_argument("--method", choices=("logistic", "pav"), default="logistic",
+                           help="logistic regression on the distance, or pool-adjacent-violators (default %(default)s)")
+    calibrate.set_defaults(handler=cmd_calibrate)
+
+    serve = commands.add_parser("serve", allow_abbrev=False, help="the verification page of a run, on 127.0.0.1",
+                                description=cmd_serve.__doc__)
+    serve.add_argument("--run", required=True, help="run folder (holds best.pt and val_metrics.json) or a checkpoint file")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port on 127.0.0.1 (default: the first free one from 7860)")
+    serve.add_argument("--share", action="store_true",
+                       help="also a public gradio.live link: anyone with it can use the page, and the scans (biometric "
+                            "data) pass through Gradio's servers; off by default")
+    serve.add_argument("--threshold", type=float, default=None,
+                       help="distance threshold (default: the run's validation EER threshold)")
+    serve.add_argument("--aggregate", choices=("mean", "min", "max"), default="mean",
+                       help="how the distances to several references combine (default %(default)s)")
+    serve.set_defaults(handler=cmd_serve)
     return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Colab, schedulers and torchrun send it to stop a job), raised where the process is, like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.errors import InputError
     from module.core.wording import command_line
 
+    main_thread = threading.current_thread() is threading.main_thread()  # a signal handler can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         with command_line("finetune.py"):  # messages name this command's flags
             args.handler(args)
@@ -339,9 +452,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Helpers write several lines for people; a command line wants one.
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished epochs are saved; run the same command again to continue.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interruption:
+        name = "terminated (SIGTERM)" if isinstance(interruption, Terminated) else "interrupted"
+        print(f"\n{name}: finished epochs are saved; run the same command again to continue.", file=sys.stderr)
+        return 143 if isinstance(interruption, Terminated) else 130  # 128 + the signal's number, as a shell reports it
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

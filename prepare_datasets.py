@@ -39,7 +39,7 @@ from module.data.prepare import (
     generator_arguments,
     pair_file_fix,
     pair_options_of,
-    record_pair_files,
+    write_pair_file_set,
 )
 from module.data.validation import PairFileReport, validate_pair_file
 from synthetic_signatures import ensure_synthetic_dataset, make_synthetic_dataset
@@ -135,9 +135,10 @@ def _run(args: argparse.Namespace) -> int:
         name = dataset_layout(args.command).name
         options = pair_options_of(args, [name])
         arguments = generator_arguments(name, args.val_ratio, args.random_state, options, args.random_forgeries)
-        result = generate(args.root, arguments, out_dir=args.out_dir)
-        if args.out_dir is None:
-            record_pair_files(Path(args.root), arguments, result["files"])
+        if args.out_dir is None:  # the root's pair files, as one transaction with their record
+            result = write_pair_file_set(Path(args.root), arguments)
+        else:
+            result = generate(args.root, arguments, out_dir=args.out_dir)
         _print_generated(result)
     elif args.command == "sample":
         counts = sample_pair_file(args.src, args.dst, args.count, random_state=args.seed)

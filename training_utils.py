@@ -47,6 +47,8 @@ from module.core.distributed import SINGLE_PROCESS, ProcessGroup, all_reduce_sum
 from module.core.precision import model_device
 from module.core.wording import format_metric, option, rerun_hint
 from module.data.epoch_order import share_weight
+from module.evaluation.calibration import cllr, cllr_min, fit_calibration, load_calibration, verbal_equivalent
+from module.evaluation.curves import TrainingCurves, learning_rates
 from module.evaluation.metrics import compute_metrics, compute_writer_metrics, save_metrics_json
 from module.evaluation.plots import (
     plot_explanation,
@@ -55,13 +57,21 @@ from module.evaluation.plots import (
     plot_training_history,
     plot_writer_eers,
 )
-from module.evaluation.reports import evaluate_and_report, explain_worst_errors, report_run, starting_model_note
+from module.evaluation.reports import (
+    OperatingBasis,
+    calibrate_run,
+    evaluate_and_report,
+    evidence_summary,
+    explain_worst_errors,
+    report_run,
+    starting_model_note,
+)
 from module.evaluation.validation import evaluate_with_references, validate
 from module.features.cache import CachedPairBatch, FeatureCache, compute_features
 from module.features.loaders import PairDistances, make_epoch_loader, make_pair_loader
 from module.run.checkpoint import epoch_checkpoint_path, export_state_dict, load_checkpoint, save_checkpoint
 from module.run.config import FinetuneConfig
-from module.run.folder import RunFolderError, find_latest_checkpoint, run_status
+from module.run.folder import RunFolderError, find_latest_checkpoint, find_resume_point, run_status
 from module.run.lock import lock_run_folder
 from module.run.rng import capture_rng_state, restore_rng_state, seed_everything
 from module.run.state import (
@@ -85,6 +95,8 @@ __all__ = [
     "build_model", "build_datasets", "run_status", "load_trained_model", "run_threshold",
     "FinetuneConfig", "validate", "evaluate_and_report", "starting_model_note", "evaluate_with_references",
     "explain_worst_errors", "NonFiniteLossError", "Verifier", "Decision",
+    "OperatingBasis", "calibrate_run", "evidence_summary", "fit_calibration", "load_calibration", "cllr", "cllr_min",
+    "verbal_equivalent",
     "compute_features", "FeatureCache", "CachedPairBatch", "make_pair_loader",
     "compute_metrics", "compute_writer_metrics", "save_metrics_json",
     "plot_training_history", "plot_roc_curve", "plot_score_distribution", "plot_writer_eers", "plot_explanation",
@@ -211,12 +223,13 @@ def _epoch_data(run: TrainingRun, train_set: Any, val_set: Any, progress: bool) 
         feature_dtype=feature_dtype, num_workers=config.num_workers, progress=progress, group=group))
 
 
-def _validate_starting_model(run: TrainingRun, data: EpochData) -> None:
+def _validate_starting_model(run: TrainingRun, data: EpochData, curves: TrainingCurves) -> None:
     """Epoch 0: the untrained model's validation, committed as ``epoch_0000.pt`` (a candidate for ``best.pt``)."""
     run.uncommitted_epoch = 0
     start = time.perf_counter()
     metrics = data.validate()
     record_epoch(run, 0, None, None, metrics, time.perf_counter() - start)
+    curves.add_epoch(run.history)
     # Seeded before epoch 0 is saved, so that resuming from it repeats this run exactly; the file also
     # pins the starting weights, whatever happens to the model object in memory afterwards.
     seed_everything(run.config.seed)
@@ -243,7 +256,9 @@ def fit(
     the first epoch of a new run the untrained model is validated (history
     entry 0, also a candidate for ``best.pt``) and saved as
     ``epoch_0000.pt``. ``feature_dtype="auto"`` is settled before the first
-    commit and kept in every checkpoint. The run folder's lock is held
+    commit and kept in every checkpoint. Each epoch's losses, EER, AUC and
+    learning rates also go to the run folder's ``tensorboard/`` (rank 0;
+    ``module/evaluation/curves.py``). The run folder's lock is held
     throughout. Interrupting (Ctrl-C, Colab's stop button, ``kill -9``) loses
     at most the current epoch: calling ``fit`` again with the same run
     reloads the last checkpoint first (the model in memory is half-trained),
@@ -257,7 +272,7 @@ def fit(
     Raises:
         NonFiniteLossError: a NaN or infinite loss; the message names the last good checkpoint.
     """
-    with lock_run_folder(run.ckpt_dir):
+    with lock_run_folder(run.ckpt_dir), TrainingCurves(run.ckpt_dir, enabled=run.group.is_main) as curves:
         if run.uncommitted_epoch is not None:
             reload_after_interruption(run)
         if run.stop_reason() is not None:
@@ -265,13 +280,14 @@ def fit(
             return run
         data = _epoch_data(run, train_set, val_set, progress)
         if run.epoch == 0 and not run.history.get("epoch"):
-            _validate_starting_model(run, data)
+            _validate_starting_model(run, data, curves)
         elif run.pending_rng_state is not None:
             restore_rng_state(run.pending_rng_state)
             run.pending_rng_state = None
         config, sampler = run.config, data.train_loader.batch_sampler
         while run.stop_reason() is None:
             epoch, start, lr = run.epoch + 1, time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+            rates = learning_rates(run.optimizer)
             run.uncommitted_epoch = epoch
             try:
                 sampler.set_epoch(epoch)
@@ -279,19 +295,22 @@ def fit(
                                              scaler=run.scaler, amp=config.autocast, epoch=epoch, progress=progress,
                                              step=data.step, shares=sampler.shares(), group=run.group)
                 metrics = data.validate()
+                run.scheduler.step()
+                run.epoch = epoch
+                improved = record_epoch(run, epoch, train_loss, lr, metrics, time.perf_counter() - start)
+                # On disk before the commit: a resumed writer purges what a run killed in between wrote.
+                curves.add_epoch(run.history, rates)
+                commit_epoch(run, improved)
             except NonFiniteLossError as error:
                 raise NonFiniteLossError(
                     f"{error}. Training stopped; the last good checkpoint is "
                     f"{epoch_checkpoint_path(run.ckpt_dir, run.epoch)} (epoch {run.epoch}). Lower the learning rate "
                     f"({option('lr', config.lr)}), or check the data for blank or broken images.") from error
-            except KeyboardInterrupt:
-                log(f"interrupted during epoch {epoch}; the last checkpoint holds epoch {run.epoch}: "
-                    f"{rerun_hint()} to continue after it")
+            except KeyboardInterrupt:  # Ctrl-C, the notebook's stop button, SIGTERM (finetune.py): say what is on disk
+                point = find_resume_point(run.ckpt_dir) if run.group.is_main else None
+                done = f"epoch {point.checkpoint['epoch']} ({point.path.name})" if point else "nothing (no checkpoint)"
+                log(f"interrupted during epoch {epoch}; a re-run continues after {done}: {rerun_hint()}")
                 raise
-            run.scheduler.step()
-            run.epoch = epoch
-            improved = record_epoch(run, epoch, train_loss, lr, metrics, time.perf_counter() - start)
-            commit_epoch(run, improved)
             log(f"epoch {epoch:>3}/{config.epochs}  train loss {train_loss:.4f}  val loss {metrics['loss']:.4f}  "
                 f"{format_metric('eer', metrics['eer'])}  AUC {metrics['auc']:.4f}  lr {lr:.2e}  "
                 f"{run.history['seconds'][-1]:6.1f} s" + ("  * best" if improved else ""))

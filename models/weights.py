@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "checksum_path",
+    "missing_checksum",
     "load_state_dict_checked",
     "read_torch_file",
     "recorded_checksum",
@@ -35,7 +36,10 @@ __all__ = [
 ]
 
 CHECKSUM_SUFFIX = ".sha256"
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# How torch.load(weights_only=True) names what it refused: "Unsupported global: GLOBAL x.y", or (a blocked module such
+# as os) "Trying to load unsupported GLOBAL posix.system whose module posix is blocked".
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_REFUSED = re.compile(r"WeightsUnpickler error: ([^\n]*)")
 
 
 class CheckpointError(InputError):
@@ -59,6 +63,14 @@ def recorded_checksum(path: str | Path) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     return fields[0].lower() if fields and re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]) else None
+
+
+def missing_checksum(path: str | Path) -> str:
+    """Why ``path`` cannot be verified: its checksum file is missing, or is there but holds no SHA-256 (damaged)."""
+    record = checksum_path(path)
+    if record.exists():
+        return f"its checksum file {record.name} is damaged (it holds no SHA-256)"
+    return f"it has no checksum file {record.name} beside it"
 
 
 def verified_bytes(path: Path, expected: str) -> bytes:
@@ -98,17 +110,19 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     expected = recorded_checksum(path)
+    if expected is None and checksum_path(path).exists():
+        raise CheckpointError(f"{path} cannot be verified: {missing_checksum(path)}")
     source: Path | io.BytesIO = path if expected is None else io.BytesIO(verified_bytes(path, expected))
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = _UNSUPPORTED_GLOBAL.search(str(error))
+        found = _UNSUPPORTED_GLOBAL.search(str(error)) or _REFUSED.search(str(error))
         if found is None:  # a damaged legacy (non-zip) file also fails in the unpickler
             raise _unreadable(path, error) from error
         raise CheckpointError(
             f"{path} cannot be loaded with torch.load(weights_only=True): it holds pickled Python objects besides "
-            f"tensors ({found.group(1)}), and loading them would run code stored in the file. If you trust its source, "
-            "re-save only its weights: "
+            f"tensors ({found.group(1).strip() or 'refused by the safe loader'}), and loading them would run code "
+            "stored in the file. If you trust its source, re-save only its weights: "
             "torch.save(torch.load(path, weights_only=False)['model_state_dict'], 'weights.pth')"
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:  # torch raises several types for a damaged zip

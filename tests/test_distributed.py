@@ -103,5 +103,5 @@ def test_autocast_dtype_is_cuda_only_and_bfloat16_only_where_the_gpu_has_it(monk
     assert autocast_dtype("bfloat16", cuda) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    with pytest.raises(ValueError, match="Tesla T4 has no bfloat16.*use amp_dtype=float16"):
+    with pytest.raises(ValueError, match="Tesla T4 has no bfloat16.*use amp_dtype='float16'"):
         autocast_dtype("bfloat16", cuda)

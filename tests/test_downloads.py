@@ -18,6 +18,7 @@ import gdown
 import pytest
 
 import downloads
+from module.core.wording import use_interface
 
 
 class RecordingHandler(SimpleHTTPRequestHandler):
@@ -219,7 +220,15 @@ def test_drive_refusal_and_quota_messages_say_what_to_do() -> None:
     assert "quota" in why and "Make a copy" in fix
 
 
-def test_bad_gdrive_ids_entry_is_explained() -> None:
+@pytest.fixture
+def notebook_words():
+    """Messages worded for the notebook, as its PART 1 sets them (``use_interface("notebook")``)."""
+    use_interface("notebook")
+    yield
+    use_interface("python")
+
+
+def test_bad_gdrive_ids_entry_is_explained(notebook_words) -> None:
     with pytest.raises(ValueError, match=r"GDRIVE_IDS\['CEDAR.zip'\]"):
         downloads.parse_download_items({"CEDAR.zip": 42})  # type: ignore[dict-item]
 
@@ -230,8 +239,14 @@ def test_resolve_pretrained(tmp_path: Path, server: LocalServer) -> None:
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"w")
     assert downloads.resolve_pretrained(str(weights), tmp_path) == weights
-    with pytest.raises(FileNotFoundError, match="PRETRAINED = 'nope.pth'"):
+    with pytest.raises(FileNotFoundError, match="pretrained='nope.pth' is neither"):  # in Python's words
         downloads.resolve_pretrained("nope.pth", tmp_path)
+    use_interface("notebook")
+    try:
+        with pytest.raises(FileNotFoundError, match="PRETRAINED = 'nope.pth' is neither"):
+            downloads.resolve_pretrained("nope.pth", tmp_path)
+    finally:
+        use_interface("python")
     url = server.publish("best.pth", PAYLOAD)
     assert downloads.resolve_pretrained(url, tmp_path / "dl").read_bytes() == PAYLOAD
 
@@ -249,7 +264,7 @@ def test_outside_colab_nothing_is_mounted(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert downloads.persistent_dir("checkpoints", "run", local_root=tmp_path) == tmp_path / "checkpoints" / "run"
 
 
-def test_notebook_setup_defaults_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_setup_defaults_and_errors(monkeypatch: pytest.MonkeyPatch, notebook_words) -> None:
     monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
     demo = downloads.resolve_notebook_setup("", "", "", None, "", 0.1, {"epochs": 2, "val_ratio": 0.25})
     assert demo.demo and demo.dataset == "cedar" and demo.val_ratio == 0.25

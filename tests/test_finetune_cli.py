@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import torch
 import finetune as finetune_cli
 from module.data.datasets import pair_kind
 from module.data.pair_files import read_pair_file
+from module.evaluation.calibration import load_calibration, verbal_equivalent
 from module.evaluation.validation import reference_trials
 from module.run.config import FinetuneConfig
 from prepare_datasets import make_synthetic_dataset
@@ -86,7 +88,7 @@ def history_of(checkpoint: Path) -> list[int]:
 
 
 def test_help_on_every_subcommand(capsys) -> None:
-    for command in ("demo", "prepare", "train", "evaluate", "verify"):
+    for command in ("demo", "prepare", "train", "evaluate", "verify", "calibrate", "serve"):
         assert finetune_help(command, capsys).startswith(f"usage: finetune.py {command}")
 
 
@@ -173,31 +175,74 @@ def test_cuda_asked_for_without_cuda_is_one_line(corpus: Path, tmp_path: Path, i
 
 def test_demo_writes_metrics_plots_and_weights(demo_run: Path) -> None:
     for name in ("test_before_metrics.json", "test_metrics.json", "val_metrics.json", "history.json", "history.png",
-                 "test_roc.png", "test_scores.png", "best.pt", "best_weights.pth"):
+                 "test_roc.png", "test_scores.png", "best.pt", "best_weights.pth", "calibration.json",
+                 "test_tippett.png", "test_ece.png"):
         assert (demo_run / name).is_file(), name
     assert history_of(demo_run / "best.pt")[0] == 0
     assert json.loads((demo_run / "history.json").read_text())["epoch"] == [0, 1, 2]
 
 
-def test_evaluate_and_verify_a_run(demo_run: Path) -> None:
+def test_evaluate_and_verify_a_run(demo_run: Path, in_process, tmp_path: Path) -> None:
     result = finetune("evaluate", "--run", demo_run, "--split", "val", "--name", "again")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((demo_run / "again_metrics.json").read_text())["eer"] == json.loads(
         (demo_run / "val_metrics.json").read_text())["eer"]
 
     data = demo_run / "data"
-    threshold = json.loads((demo_run / "val_metrics.json").read_text())["threshold"]
-    result = finetune("verify", data / "full_org/original_1_1.png", data / "full_forg/forgeries_1_1.png", "--run", demo_run)
+    validation = json.loads((demo_run / "val_metrics.json").read_text())
+    threshold = validation["threshold"]
+    scans = data / "full_org/original_1_1.png", data / "full_forg/forgeries_1_1.png"
+    result = finetune("verify", *scans, "--run", demo_run)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"threshold {threshold:.6g}" in result.stdout
     assert_decision_follows_the_threshold(result.stdout)
+    assert re.search(r"likelihood ratio \S+ \(log10 [+-]\d\.\d\d\): .* support for the .* \(ENFSI verbal scale", result.stdout)
+
+    # The test split at the threshold verify uses (its own EER threshold's figures stay, labelled), and the Cllr
+    # figures of its likelihood ratios, which were fitted on the validation split.
+    result = in_process("evaluate", "--run", demo_run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((demo_run / "test_metrics.json").read_text())
+    point = saved["operating_point"]
+    assert (point["threshold"], point["n_val_pairs"]) == (threshold, validation["n_genuine"] + validation["n_forged"])
+    assert point["n_val_writers"] == validation["n_writers"] == 1 and "1 writer (fewer than 5)" in point["warning"]
+    assert "own EER threshold" in result.stdout and "no user can know it in advance" in saved["threshold_source"]
+    assert (f"at the threshold verify uses, {threshold:.6g}" in result.stdout
+            and f"FRR {100 * point['frr']:.2f} %, FAR skilled {100 * point['far_skilled']:.2f} %" in result.stdout)
+    skilled = saved["evidence"]["skilled"]
+    assert 0 <= skilled["cllr_min"] <= skilled["cllr"] and skilled["cllr_cal"] == pytest.approx(
+        skilled["cllr"] - skilled["cllr_min"])
+    assert saved["evidence"]["random"] is None  # the demo's pair files hold no random forgeries
+    assert (f"Cllr {skilled['cllr']:.3f}, Cllr_min {skilled['cllr_min']:.3f}, Cllr_cal {skilled['cllr_cal']:.3f}"
+            in result.stdout)
+    assert (demo_run / "test_tippett.png").read_bytes()[:4] == b"\x89PNG"
+
+    # verify --json: the likelihood ratio of the distance, its log10 and its words.
+    result = in_process("verify", *scans, "--run", demo_run, "--json")
+    decision = json.loads(result.stdout)
+    calibration = load_calibration(demo_run)
+    lr = decision["likelihood_ratio"]
+    assert lr == pytest.approx(calibration.likelihood_ratios([decision["distance"]])[0], rel=1e-12)
+    assert decision["log10_likelihood_ratio"] == pytest.approx(math.log10(lr), abs=1e-12)
+    assert decision["verbal_equivalent"] == verbal_equivalent(lr)
+
+    # A run trained before the calibration: no LR, and the way to add one; calibrate fits it again without training.
+    (demo_run / "calibration.json").rename(tmp_path / "calibration.json")
+    with pytest.warns(UserWarning, match=f"python finetune.py calibrate --run {demo_run}"):
+        result = in_process("verify", *scans, "--run", demo_run, "--json")
+    assert json.loads(result.stdout)["likelihood_ratio"] is None
+    result = in_process("calibrate", "--run", demo_run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "in-sample, so optimistic), genuine vs skilled forgeries: Cllr" in result.stdout
+    again = load_calibration(demo_run)
+    assert again.fitted_on == calibration.fitted_on and again.bounds == calibration.bounds
+    assert again.logistic == pytest.approx(calibration.logistic, rel=1e-6)
 
 
 def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    scan = np.asarray(Image.open(demo_run / "data/full_org/original_1_1.png"))
-    twin = np.rint((scan - scan.min()) * (255 / (scan.max() - scan.min()))).astype(np.uint8)  # 0 to 255
+    twin = np.asarray(Image.open(demo_run / "data/full_org/original_1_1.png"))  # grey paper: not 0 to 255
     Image.fromarray(twin).save(tmp_path / "reference_8bit.png")
     Image.fromarray(twin.astype(np.uint16) * 257).save(tmp_path / "reference_16bit.tif")
     query = demo_run / "data/full_forg/forgeries_1_1.png"
@@ -258,6 +303,7 @@ def test_bad_pair_file(corpus: Path, tmp_path: Path, in_process) -> None:
     (bad_root / "gray_test.txt").write_text("full_org/original_1_1.png\tfull_org/original_1_2.png\t1\n")
     assert_one_line_error(in_process("train", "cedar", bad_root, "--out", tmp_path / "run", *TINY_TRAINING),
                           "gray_train.txt", "line 3")
+    assert not (tmp_path / "run").exists(), "a run that failed at its start leaves no folder (and no .lock) behind"
 
 
 def test_wrong_checkpoint(demo_run: Path, tmp_path: Path, in_process) -> None:
@@ -380,7 +426,9 @@ def test_verify_three_references_json_and_explain(demo_run: Path, tmp_path: Path
     result = finetune("verify", *references, query, "--run", demo_run, "--json", "--explain", figure)
     assert result.returncode == 0, result.stderr[-2000:]
     decision = json.loads(result.stdout)  # one JSON object and nothing else
-    assert set(decision) == {"distances", "distance", "threshold", "genuine"} and len(decision["distances"]) == 3
+    assert list(decision)[:4] == ["distances", "distance", "threshold", "genuine"] and len(decision["distances"]) == 3
+    assert set(decision) == {"distances", "distance", "threshold", "genuine", "likelihood_ratio",
+                             "log10_likelihood_ratio", "verbal_equivalent"}
     assert decision["distance"] == pytest.approx(sum(decision["distances"]) / 3, rel=1e-12)
     assert decision["threshold"] == json.loads((demo_run / "val_metrics.json").read_text())["threshold"]
     assert decision["genuine"] == (decision["distance"] <= decision["threshold"])
@@ -434,3 +482,70 @@ def test_evaluate_writer_level_and_with_references(demo_run: Path, bank_corpus: 
     for key in ("eer", "frr", "far_skilled", "far_random", "eer_user_thresholds", "mean_writer_auc"):
         assert saved[key] == pytest.approx(expected[key], abs=1e-12), key
     assert saved["threshold"] == pytest.approx(expected["threshold"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input as a new user gives it
+
+def test_bad_inputs_each_get_one_line_naming_the_flag_or_file(demo_run: Path, tmp_path: Path, in_process) -> None:
+    data = demo_run / "data"
+    reference, query = data / "full_org/original_1_1.png", data / "full_forg/forgeries_1_1.png"
+    # Non-finite or negative thresholds and learning rates are settings errors, refused before any work.
+    for value in ("nan", "-5"):
+        assert_one_line_error(in_process("verify", reference, query, "--run", demo_run, "--threshold", value),
+                              f"--threshold {float(value)}", "finite number >= 0")
+    assert_one_line_error(in_process("train", "cedar", data, "--out", tmp_path / "lr", "--lr", "nan"),
+                          "--lr must be a finite number > 0")
+    assert not (tmp_path / "lr").exists(), "a refused start leaves no run folder behind"
+    # A warm-up as long as the run names both settings.
+    assert_one_line_error(in_process("train", "cedar", data, "--out", tmp_path / "w", "--epochs", "1"),
+                          "--warmup-epochs must be in [0, --epochs=1)")
+    # A run folder that cannot be written.
+    assert_one_line_error(in_process("train", "cedar", data, "--out", "/proc/run"), "--out /proc/run", "Fix:")
+    # A pickle with code in it is refused as such, not as a damaged file.
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would have run",))
+    torch.save({"model": Payload()}, tmp_path / "unsafe.pth")
+    assert_one_line_error(in_process("train", "cedar", data, "--out", tmp_path / "u", "--pretrained",
+                                     tmp_path / "unsafe.pth"), "pickled Python objects", "would run code")
+    # A huge image: too large for a scan, not a "decompression bomb" to re-download.
+    from PIL import Image
+    huge = tmp_path / "huge.png"
+    Image.new("L", (30000, 30000), 255).save(huge, compress_level=1)
+    message = assert_one_line_error(in_process("verify", reference, huge, "--run", demo_run), "huge.png",
+                                    "too large for a scan")
+    assert "re-download" not in message and "DOS" not in message
+    # Another layout's pairs: CEDAR scans read as BHSig are refused with the dataset to give.
+    assert_one_line_error(in_process("evaluate", "--run", demo_run, "--dataset", "bhsig", "--data-root", data),
+                          "names cedar scans", "--dataset cedar")
+
+
+def test_one_writer_states_the_minimum(tmp_path: Path, in_process) -> None:
+    make_synthetic_dataset(tmp_path, "cedar", n_writers=1, n_genuine=3, n_forged=2, image_size=64, progress=False)
+    assert_one_line_error(in_process("prepare", "cedar", tmp_path), "1 usable writer(s)", "at least 3 writers")
+
+
+def test_a_truncated_scan_is_found_by_prepare(corpus: Path, tmp_path: Path, in_process) -> None:
+    root = tmp_path / "cut"
+    shutil.copytree(corpus, root)
+    scan = root / "full_org/original_2_1.png"
+    scan.write_bytes(scan.read_bytes()[:100])  # the header decodes, the pixels do not
+    result = in_process("prepare", "cedar", root)
+    assert result.returncode == 1 and "original_2_1.png" in result.stdout and "not a readable image" in result.stdout
+
+
+def test_sigterm_ends_a_run_with_the_ctrl_c_message_and_status_143(demo_run: Path, tmp_path: Path) -> None:
+    import signal
+
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), "train", "cedar", str(demo_run / "data"), "--out",
+                                str(out), *TINY_TRAINING, "--epochs", "50"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "epoch_0001.pt").is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "terminated (SIGTERM): finished epochs are saved; run the same command again" in stderr
+    assert "a re-run continues after epoch" in stderr

@@ -62,8 +62,16 @@ def test_two_processes_train_as_one(corpus: Path, tmp_path: Path, path: str) -> 
     together = train(corpus, tmp_path / "two", path, processes=2)
     assert "Best model" in alone.stdout and together.stdout.count("Best model") == 1  # rank 0 reports
     for one, two in zip(epochs_of(tmp_path / "one"), epochs_of(tmp_path / "two")):
-        for key, tensor in one["trained_state_dict"].items():
-            torch.testing.assert_close(two["trained_state_dict"][key], tensor, rtol=0, atol=1e-5)
+        # What data parallelism must reproduce: the gradients, here through Adam's running averages of them and
+        # of their squares (within float summation order). The weights themselves are not compared element by
+        # element: Adam's first steps move a coordinate whose gradient is near zero by +-lr whatever the sign of
+        # its rounding, so on some CPUs a few of 36,864 weights differ by up to 2 lr (measured 3.8e-5 at lr 4e-4).
+        moments = zip(one["optimizer_state_dict"]["state"].values(), two["optimizer_state_dict"]["state"].values())
+        for alone_state, together_state in moments:
+            for name in ("exp_avg", "exp_avg_sq"):
+                # Within 0.1 % of the largest: rounding moves them by ~1e-5 of it; a wrong gradient, by all of it.
+                scale = alone_state[name].abs().max()
+                torch.testing.assert_close(together_state[name], alone_state[name], rtol=1e-3, atol=1e-3 * scale)
         assert two["history"]["val_eer"] == one["history"]["val_eer"]
         assert two["history"]["train_loss"][1:] == pytest.approx(one["history"]["train_loss"][1:], rel=1e-6)
         assert {**two["config"], "ckpt_dir": ""} == {**one["config"], "ckpt_dir": ""}
@@ -109,3 +117,23 @@ def test_a_killed_two_process_run_resumes_to_the_same_result(corpus: Path, tmp_p
         assert all(torch.equal(got["trained_state_dict"][key], value)
                    for key, value in expected["trained_state_dict"].items())
         assert got["history"]["val_eer"] == expected["history"]["val_eer"]
+
+
+def test_workers_end_when_torchrun_is_killed(corpus: Path, tmp_path: Path) -> None:
+    """``kill -9`` of torchrun alone: its workers (in sessions of their own) notice within a second and end."""
+    job = train(corpus, tmp_path / "run", "--per-pair", "--epochs", "50", processes=2, wait=False)
+    deadline = time.monotonic() + 300
+    while len(workers_of(job)) < 2 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = workers_of(job)
+    assert len(workers) == 2, "the job did not start its workers"
+    while not (tmp_path / "run" / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the workers are past joining the process group, where the watch starts
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait(timeout=30)
+    gone_by = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers.values()) and time.monotonic() < gone_by:
+        time.sleep(0.2)
+    alive = [pid for pid in workers.values() if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} outlived torchrun by 10 s"

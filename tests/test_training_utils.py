@@ -250,7 +250,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path)
     assert (whole_ckpt["best_metric"], whole_ckpt["best_epoch"]) == (parts_ckpt["best_metric"], parts_ckpt["best_epoch"])
 
     # Every file written loads with weights_only=True and has its checksum; the newest keep_last=2 epochs are kept,
-    # and the best epoch's, which best.pt is a copy of (and the feature store, features/).
+    # and the best epoch's, which best.pt is a copy of (and the feature store, features/, and the curves, tensorboard/).
     kept = sorted({2, 3, run.best_epoch})
     for folder in ("whole", "parts"):
         names = sorted(path.name for path in (tmp_path / folder).iterdir() if path.suffix == ".pt")
@@ -260,7 +260,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(corpus: str, tmp_path: Path)
             checkpoint = read_checkpoint(tmp_path / folder / name)
             assert set(HISTORY_KEYS) <= set(checkpoint["history"])
         assert sorted(path.name for path in (tmp_path / folder).iterdir()) == sorted(
-            names + [name + ".sha256" for name in names] + [".lock", "features"])
+            names + [name + ".sha256" for name in names] + [".lock", "features", "tensorboard"])
 
 
 class InterruptedOnce(torch.utils.data.Dataset):
@@ -410,9 +410,13 @@ def test_train_and_report_runs_the_pipeline_and_starting_over_loses_no_run(corpu
     result = train_and_report(config, progress=False)
     run_folder = tmp_path / "run"
     for name in ("best.pt", "best_weights.pth", "history.json", "history.png", "val_metrics.json", "test_metrics.json",
-                 "test_roc.png", "test_scores.png"):
+                 "test_roc.png", "test_scores.png", "calibration.json", "test_tippett.png", "test_ece.png"):
         assert (run_folder / name).is_file(), name
-    assert json.loads((run_folder / "test_metrics.json").read_text())["eer"] == result.metrics["test"]["eer"]
+    saved = json.loads((run_folder / "test_metrics.json").read_text())
+    assert saved["eer"] == result.metrics["test"]["eer"]
+    # The test split at the validation threshold (what verify decides at), and its likelihood ratios' figures.
+    assert saved["operating_point"]["threshold"] == result.metrics["val"]["threshold"]
+    assert saved["evidence"]["fitted_on"]["n_genuine"] == result.metrics["val"]["n_genuine"]
     best = torch.load(run_folder / "best.pt", weights_only=True)
     assert all(torch.equal(value, result.model.state_dict()[key]) for key, value in best["trained_state_dict"].items())
     assert run_status(config.ckpt_dir).startswith(f"2 of 2 epochs done (epoch_0002.pt); best validation EER "
@@ -425,6 +429,7 @@ def test_train_and_report_runs_the_pipeline_and_starting_over_loses_no_run(corpu
     assert result.run.best_epoch == 0  # this corpus's validation writer is told apart from the start
     assert sorted(path.name for path in previous.iterdir()) == sorted(
         set_aside + [name + ".sha256" for name in set_aside] + ["history.json", "history.png"]
+        + ["calibration.json", "test_tippett.png", "test_ece.png", "tensorboard"]
         + [f"{split}_{kind}" for split in ("val", "test") for kind in ("metrics.json", "roc.png", "scores.png")])
     assert torch.load(previous / "best.pt", weights_only=True)["history"] == best["history"]
     assert again.run.history["epoch"] == [0, 1, 2]

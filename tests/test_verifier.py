@@ -117,3 +117,20 @@ def test_worst_errors() -> None:
     assert worst_errors(metrics, 0.5) == {"false accept": 5, "false reject": 1}
     assert worst_errors(metrics, 0.05) == {"false accept": None, "false reject": 1}
     assert worst_errors(metrics, 1.0) == {"false accept": 5, "false reject": None}
+
+
+def test_a_calibrated_verifier_reports_the_likelihood_ratio(weights: Path, scans: dict, one_torch_thread) -> None:
+    from module.evaluation.calibration import fit_calibration, verbal_equivalent
+
+    plain = Verifier.from_weights(weights, threshold=1.0, image_size=IMAGE_SIZE, device="cpu")
+    before = plain.verify(scans["forged"][0], references=scans["references"])
+    assert before.likelihood_ratio is None and before.verbal_equivalent is None
+    # A calibration around this model's distances: genuine pairs a little closer than forged ones.
+    rng = np.random.default_rng(0)
+    distances = before.distance + np.r_[rng.normal(-0.05, 0.05, 30), rng.normal(0.05, 0.05, 30)]
+    plain.calibration = fit_calibration(distances, np.r_[np.ones(30), np.zeros(30)])
+    decision = plain.verify(scans["forged"][0], references=scans["references"])
+    assert decision[:4] == before[:4]  # the decision's first fields are those of before
+    assert decision.likelihood_ratio == pytest.approx(plain.calibration.likelihood_ratios([decision.distance])[0])
+    assert decision.log10_likelihood_ratio == pytest.approx(np.log10(decision.likelihood_ratio))
+    assert decision.verbal_equivalent == verbal_equivalent(decision.likelihood_ratio)

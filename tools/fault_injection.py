@@ -1,18 +1,23 @@
-"""Kill a small training run with SIGKILL at random instants, run the same command again, compare with an uninterrupted run.
+"""Kill a small training run, and ``prepare``, with SIGKILL at random instants, run the same command again, compare
+with an uninterrupted run.
 
-    python tools/fault_injection.py [--kills 30] [--seed 0] [--work DIR]
+    python tools/fault_injection.py [--kills 30] [--prepare-kills 10] [--seed 0] [--work DIR]
 
 A synthetic corpus (5 writers, 64 px) and one uninterrupted
 ``finetune.py train`` run give the reference. Then each trial starts the
 same command in a fresh run folder and kills it 1 to 3 times, each time
 either at a random instant of the run or at the first write that starts
-after a random instant (a temporary file of ``module/io.atomic_write`` seen
-in the run folder: the kill lands while a checkpoint, checksum, metrics
-file, plot or ``best_weights.pth`` is being written); after the last kill the
-command runs to its end. The trial's ``best.pt``, ``best_weights.pth`` (every
-tensor, ``torch.equal``), metrics JSON, history (wall times aside) and the
-folder's file names must equal the reference's. Prints the counts and exits
-1 when any trial differs.
+after a random instant (a temporary file of ``module/core/io.atomic_write``
+seen in the run folder or its feature store: the kill lands while a
+checkpoint, checksum, metrics file, report, plot, ``best_weights.pth`` or a
+feature-store chunk is being written); after the last kill the command runs
+to its end. The trial's ``best.pt``, ``best_weights.pth`` (every tensor,
+``torch.equal``), metrics JSON, history (wall times aside) and the folder's
+file names must equal the reference's. ``--prepare-kills`` does the same to
+``finetune.py prepare cedar`` replacing a folder's pair files made with other
+options: after the kills and one more run, the pair files and their record
+must equal an uninterrupted prepare's, byte for byte, with nothing left
+behind. Prints the counts and exits 1 when any trial differs.
 """
 from __future__ import annotations
 
@@ -74,7 +79,12 @@ def compare(folder: Path, reference: Path) -> list[str]:
 
 
 def temporary_files(folder: Path) -> list[str]:
-    return [path.name for path in folder.glob(f".*{TEMPORARY_SUFFIX}")] if folder.is_dir() else []
+    """The temporary files of writes in progress in ``folder`` and below (the feature store is inside a run folder),
+    and a prepare's staging folder."""
+    if not folder.is_dir():
+        return []
+    return [path.name for path in folder.rglob(f".*{TEMPORARY_SUFFIX}")] + \
+        [name for name in (".prepare-staging",) if (folder / name).exists()]
 
 
 def run_and_kill(cmd: list[str], out: Path, delay: float, during_write: bool) -> dict[str, Any]:
@@ -94,9 +104,60 @@ def run_and_kill(cmd: list[str], out: Path, delay: float, during_write: bool) ->
     return {"killed": killed, "in_write": killed and bool(left), "left": left}
 
 
+PREPARE_OLD = ["--val-ratio", "0.25", "--seed", "1"]
+PREPARE_NEW = ["--val-ratio", "0.5", "--seed", "3"]
+
+
+def prepare_command(root: Path, options: list[str]) -> list[str]:
+    return [sys.executable, str(PROJECT / "finetune.py"), "prepare", "cedar", str(root), *options]
+
+
+def root_files(root: Path) -> dict[str, bytes]:
+    """The files directly in a dataset root: pair files, their record, anything a prepare left behind."""
+    return {path.name: path.read_bytes() for path in root.iterdir() if path.is_file() or path.name.startswith(".")}
+
+
+def prepare_trials(data: Path, work: Path, kills_wanted: int, draw: random.Random) -> dict[str, Any]:
+    """Kill ``prepare`` (replacing pair files made with other options) ``kills_wanted`` times, each trial ended by
+    one more run; compare each trial's root with an uninterrupted prepare's."""
+    import shutil
+
+    def fresh(name: str) -> Path:
+        root = work / name
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(data, root, ignore=shutil.ignore_patterns("gray_*.txt", "pair_files.json"))
+        subprocess.run(prepare_command(root, PREPARE_OLD), capture_output=True, check=True)
+        return root
+
+    reference = fresh("prepare_reference")
+    start = time.monotonic()
+    subprocess.run(prepare_command(reference, PREPARE_NEW), capture_output=True, check=True)
+    seconds = time.monotonic() - start
+    expected = root_files(reference)
+    totals = {"prepare kills": 0, "prepare kills during a write": 0, "prepare trials": 0, "prepare trials equal": 0}
+    failures = []
+    while totals["prepare kills"] < kills_wanted:
+        root = fresh(f"prepare_trial_{totals['prepare trials'] + 1:03d}")
+        outcome = run_and_kill(prepare_command(root, PREPARE_NEW), root, draw.uniform(0, seconds), draw.random() < 0.7)
+        if not outcome["killed"]:
+            continue
+        totals["prepare kills"] += 1
+        totals["prepare kills during a write"] += outcome["in_write"]
+        final = subprocess.run(prepare_command(root, PREPARE_NEW), capture_output=True, text=True)
+        totals["prepare trials"] += 1
+        equal = final.returncode == 0 and root_files(root) == expected
+        totals["prepare trials equal"] += equal
+        if not equal:
+            failures.append(f"{root.name}: exit {final.returncode}, files {sorted(root_files(root))}")
+        print(f"{root.name}: {'equal' if equal else 'DIFFERENT'} (killed during {outcome['left'] or 'no write'})",
+              flush=True)
+    return {**totals, "failures": failures}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=30, help="kills to deliver (default %(default)s)")
+    parser.add_argument("--prepare-kills", type=int, default=10, help="kills of prepare (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill instants (default %(default)s)")
     parser.add_argument("--work", default=None, help="folder for the corpus and the runs (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -146,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"{trial.name}: {found[:5]}")
         print(f"{trial.name}: {kills} kill(s), {'equal' if not found else 'DIFFERENT: ' + str(found[:3])}", flush=True)
 
-    print("\n" + "\n".join(f"{name:>26}: {value}" for name, value in totals.items()))
+    prepared = prepare_trials(data, work, args.prepare_kills, draw) if args.prepare_kills else {}
+    failures += prepared.pop("failures", [])
+    print("\n" + "\n".join(f"{name:>26}: {value}" for name, value in {**totals, **prepared}.items()))
     print(f"{'killed while writing':>26}: {', '.join(f'{name} {count}' for name, count in sorted(written.items()))}")
     print(f"{'total time':>26}: {time.monotonic() - start:.0f} s")
     for failure in failures:

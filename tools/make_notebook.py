@@ -59,6 +59,7 @@ CACHE_DIR: str = ""             # preprocessed images (e.g. "/content/cache"): s
 SEED: int = 42
 VAL_RATIO: float = 0.1          # share of writers held out for validation (it picks the best epoch)
 CROSS_DATASETS: list = []       # PART 9: other datasets to test on, e.g. [("bhsig", "data/BHSig260/Hindi")]
+SHOW_PAGE: bool = False         # PART 8: the verification page, inline (Gradio; the scans stay on this runtime)
 DEMO: bool | None = None        # None: the demo when DATASET is ""
 # The demo's synthetic corpus, and the settings that replace those above in the demo (sized for a CPU):
 DEMO_CORPUS: dict = {"n_writers": 12, "n_genuine": 12, "n_forged": 12, "image_size": 256}
@@ -102,9 +103,9 @@ print(pair_files)"""),
 import dataclasses
 import torch
 from IPython.display import Image, display
-from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, explain_worst_errors,
-                            print_trainable_params, run_status, setup_head_only_finetune, starting_model_note,
-                            train_and_report)
+from training_utils import (FinetuneConfig, build_datasets, build_model, evaluate_and_report, evidence_summary,
+                            explain_worst_errors, print_trainable_params, run_status, setup_head_only_finetune,
+                            starting_model_note, train_and_report)
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU'}")"""),
     ("Model", """\
 # PART 4 - Model: the run's settings, the pretrained weights, and what trains (head_str; the backbone stays frozen).
@@ -122,13 +123,21 @@ print(run_status(config.ckpt_dir))"""),
 # PART 7 - Training, then the best epoch on the validation and test splits; best_weights.pth is exported.
 # One checkpoint an epoch: stopping this cell (or a disconnect) loses at most the current epoch, and running it
 # again continues from the last checkpoint on disk, not from the half-trained model in memory.
+if downloads.in_colab():  # TensorBoard's curves, one point an epoch as they come (other runs stay headless)
+    %load_ext tensorboard
+    %tensorboard --logdir "{config.ckpt_dir}/tensorboard"
 result = train_and_report(config, model=model, datasets=datasets, resume=RESUME)"""),
     ("Evaluation on the test split", """\
-# PART 8 - The best model on the test split (the validation EER threshold is what `finetune.py verify` uses), its
-# writer-level figures, and why it made its worst mistakes: the transport plan of the worst false accept and reject.
+# PART 8 - The best model on the test split: the paper-style figures at the test split's own EER threshold, then
+# FRR and FAR at the validation EER threshold (what `finetune.py verify` and the Verifier use) and the likelihood
+# ratios' Cllr (calibration.json, fitted on the validation split), its Tippett and ECE plots, its writer-level
+# figures, and why it made its worst mistakes: the transport plan of the worst false accept and reject.
 test, threshold = result.metrics["test"], result.metrics["val"]["threshold"]
 print(f"best epoch {result.run.best_epoch}: test EER {test['eer']:.2%}, accuracy {test['accuracy']:.2%}, "
-      f"AUC {test['auc']:.4f}, threshold {threshold:.4g}")
+      f"AUC {test['auc']:.4f} (at the test split's own EER threshold {test['threshold']:.4g}, as papers report)")
+print("\\n".join(evidence_summary(test)))
+for plot in ("test_tippett.png", "test_ece.png"):
+    display(Image(filename=str(result.run.ckpt_dir / plot)))
 if note := starting_model_note(result.run.ckpt_dir):  # best epoch 0, or a fresh backbone
     print(f"Note: {note}.")
 writers = test["writer_level"]
@@ -140,7 +149,13 @@ for mistake, figure in explain_worst_errors(result.model, datasets["test"], test
     if figure is None:
         print(f"no {mistake} on the test split")
     else:
-        display(Image(filename=str(figure)))"""),
+        display(Image(filename=str(figure)))
+if SHOW_PAGE:  # the verification page, inline; share=False: the scans (biometric data) never leave this runtime
+    import importlib.util
+    if importlib.util.find_spec("gradio") is None:  # pyproject.toml's app extra
+        %pip install -q -e ".[app]"
+    from training_utils import Verifier
+    Verifier.from_run(result.run.ckpt_dir).page().launch(share=False, inline=True, server_name="127.0.0.1")"""),
     ("Cross-dataset evaluation", """\
 # PART 9 - Cross-dataset evaluation: the best model on the test split of each of CROSS_DATASETS.
 # A dataset's gray_test.txt is read as it is (its pair files are never rewritten); one is written only where none exists.

@@ -12,6 +12,10 @@ every file; the others read. Why the result does not depend on N is
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +32,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_from_main",
     "current_group",
+    "end_with_the_launcher",
     "gather_in_order",
     "join_process_group",
     "leave_process_group",
@@ -88,11 +93,40 @@ def join_process_group(device: torch.device) -> tuple[ProcessGroup, torch.device
     group = current_group()
     if not group.is_distributed:
         return group, device
+    end_with_the_launcher()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return group, device
+
+
+_watched: list[int] = []  # the launcher's pid, once a watch runs
+
+
+def end_with_the_launcher(period_s: float = 0.5) -> None:
+    """Under torchrun, end this worker when the process that started it is gone, say after a ``kill -9`` of torchrun.
+
+    Workers run in sessions of their own, so nothing else would stop them: they would train to the end of the run
+    holding the run folder's lock. A daemon thread watches the parent's pid; once the worker has been handed to
+    another parent (init, pid 1, is never torchrun), it kills its own process (``SIGKILL``: a worker blocked in a
+    collective would never handle a gentler signal; the run folder is safe against a kill at any instant, and the
+    lock goes with the process). Call it as early as the process can (``finetune.py train`` does); a second call
+    does nothing.
+    """
+    if current_group().world_size <= 1 or _watched:
+        return
+    launcher = os.getppid()
+    _watched.append(launcher)
+
+    def watch() -> None:
+        while os.getppid() == launcher and launcher != 1:
+            time.sleep(period_s)
+        print(f"torchrun (process {launcher}) is gone: stopping this worker (rank {os.environ.get('RANK', '?')}); "
+              "run the same command again to continue after the last finished epoch", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-torchrun", daemon=True).start()
 
 
 def leave_process_group() -> None:

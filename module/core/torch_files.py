@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from models.weights import CheckpointError, checksum_path, recorded_checksum, verified_bytes
+from models.weights import CheckpointError, checksum_path, missing_checksum, recorded_checksum, verified_bytes
 from module.core.io import atomic_write, atomic_write_text
 
 __all__ = ["copy_checkpoint", "save_torch_file"]
@@ -45,7 +45,7 @@ def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
     source, target = Path(source), Path(target)
     expected = recorded_checksum(source)
     if expected is None:
-        raise CheckpointError(f"{source} has no checksum file {checksum_path(source).name} beside it")
+        raise CheckpointError(f"{source} cannot be verified: {missing_checksum(source)}")
     data = verified_bytes(source, expected)
     atomic_write_text(checksum_path(target), f"{expected}  {target.name}\n")
     return atomic_write(target, lambda file: file.write(data))

@@ -181,6 +181,14 @@ def split_sizes(n_writers: int, test_ratio: float, val_ratio: float, test_option
             raise InputError(f"{option(name)} must be in [0, 1), got {ratio}")
     n_test = max(round(n_writers * test_ratio), 1) if test_ratio > 0 else 0
     n_val = max(round(n_writers * val_ratio), 1) if val_ratio > 0 else 0
+    minimum = 1 + (test_ratio > 0) + (val_ratio > 0)  # one writer each for training, testing, validation
+    if n_writers < minimum:
+        raise InputError(
+            f"{n_writers} usable writer(s) found: splitting by writer into training"
+            + (", test" if test_ratio > 0 else "") + (" and validation" if val_ratio > 0 else "")
+            + f" needs at least {minimum} writers (one each, since no writer may be in two splits). Fix: add the scans "
+            f"of more writers" + (f", or set {option('val_ratio', 0.0)}" if val_ratio > 0 and n_writers >= minimum - 1
+                                  else ""))
     if n_test + n_val >= n_writers:
         raise InputError(
             f"{n_writers} usable writers are too few for {n_test} test and {n_val} validation writers and one "

@@ -30,8 +30,9 @@ from torchvision.transforms import functional as TF
 
 from models.errors import InputError
 from module.core.io import atomic_write
-from module.core.wording import prepare_command
-from module.data.datasets import dataset_layout
+from module.core.wording import option, prepare_command
+from module.data.datasets import DATASETS, dataset_layout
+from module.data.datasets.record import DatasetLayout
 from module.data.images import CACHE_VERSION, MODES, prepare_file, to_tensor
 from module.data.pair_files import PAIR_FILES, PairFileError, existing_files, read_pair_index, resolve_pair_file
 
@@ -39,6 +40,19 @@ __all__ = ["PairAugmentation", "PairList", "SigDataset_BHSig_Colab", "SigDataset
            "SignaturePairDataset"]
 
 MISSING_SHOWN = 5
+
+
+def _check_layout(layout: DatasetLayout, images: Sequence[str], pair_file: Path) -> None:
+    """Refuse pair files whose scans are named as another layout's (a CEDAR folder read as BHSig): the figures
+    that depend on the layout (writers, kinds of forgery) would be wrong. Names of no layout are the user's own."""
+    sample = images[:: max(1, len(images) // 200)]
+    if any(layout.signature_of(path) is not None for path in sample):
+        return
+    others = sorted({other.name for other in DATASETS.values() if other is not layout
+                     for path in sample if other.signature_of(path) is not None})
+    if others:
+        raise InputError(f"{pair_file} names {others[0]} scans ({DATASETS[others[0]].naming}), not {layout.name} ones. "
+                         f"Fix: {option('dataset', others[0])}, or point the dataset root at a {layout.title} folder")
 
 
 class PairAugmentation:
@@ -171,6 +185,7 @@ class SignaturePairDataset(Dataset):
         index.raise_for_problems()
         if not len(index.rows):
             raise PairFileError(f"{pair_path} holds no pairs")
+        _check_layout(layout, index.images, pair_path)
 
         relative = index.images
         missing = sorted(set(relative) - existing_files(root, relative))

@@ -11,10 +11,13 @@ generator (``module/data/datasets``) are defined once for both command lines
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import os
+import shutil
 import tempfile
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,14 +27,15 @@ from typing import Any
 import numpy as np
 
 from models.errors import InputError
-from module.core.io import atomic_write_text
+from module.core.io import atomic_write_text, remove_temporary_files
 from module.core.wording import flag, option, prepare_command
 from module.data.datasets import DATASETS, dataset_layout, signature_of
 from module.data.pair_files import PAIR_FILES, PAIR_MANIFEST, Pair, read_pair_file, write_pair_file
 from module.data.validation import validate_pair_file
 
 __all__ = ["add_pair_options", "add_random_forgeries", "ensure_pair_files", "ensure_test_pair_file", "pair_file_fix",
-           "pair_options_of", "random_forgery_pairs", "generator_arguments", "generate", "record_pair_files"]
+           "finish_interrupted_prepare", "generate", "generator_arguments", "pair_options_of", "random_forgery_pairs",
+           "record_pair_files", "write_pair_file_set"]
 
 
 def generator_arguments(name: str, val_ratio: float, random_state: int, options: dict[str, Any],
@@ -64,9 +68,107 @@ def _why_not_reusable(root: Path, files: dict[str, str]) -> str | None:
 
 
 def record_pair_files(root: Path, arguments: dict[str, Any], files: dict[str, str]) -> None:
+    """Write ``pair_files.json``: the arguments the files were made with, and each file with its SHA-256 (so that a
+    later ``prepare`` knows which files it wrote and which are the user's)."""
     # Recorded relative to the root, so the record holds wherever the root is reached from.
     relative = {split: os.path.relpath(path, root) for split, path in files.items()}
-    atomic_write_text(root / PAIR_MANIFEST, json.dumps({"arguments": arguments, "files": relative}, indent=1))
+    digests = {name: _sha256(root / name) for name in relative.values()}
+    atomic_write_text(root / PAIR_MANIFEST, json.dumps({"arguments": arguments, "files": relative, "sha256": digests},
+                                                       indent=1))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _written_by_prepare(root: Path, name: str, record: dict | None) -> bool:
+    """Whether pair file ``name`` in ``root`` is one ``prepare`` wrote and nobody changed since (its recorded
+    SHA-256; records older than the checksums name the files alone)."""
+    if record is None or name not in record.get("files", {}).values():
+        return False
+    digests = record.get("sha256")
+    return digests is None or digests.get(name) == _sha256(root / name)
+
+
+# A prepare writes its new set of pair files into STAGING, then JOURNAL (the commit point: whole or absent), then
+# moves the user's own files aside, the new ones into place, and writes the record; a re-run after a kill finishes
+# a committed journal, or removes an uncommitted staging folder.
+STAGING = ".prepare-staging"
+JOURNAL = ".prepare-journal.json"
+
+
+def write_pair_file_set(root: Path, arguments: dict[str, Any], reason: str | None = None) -> dict:
+    """Make a dataset root's pair files anew as one transaction: afterwards the root holds either the new set and
+    its record, or (killed before the commit) the old ones; returns the generator's dict.
+
+    Files this project wrote (recorded in ``pair_files.json`` with their checksums) are replaced; any other
+    pair file in the way (your own) is moved into a ``previous-pairs-<date>`` folder first, and a warning says
+    where. ``reason``: why the files are made again, for that warning.
+    """
+    finish_interrupted_prepare(root)
+    staging = root / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    result = generate(root, arguments, out_dir=staging)
+    record = _read_record(root)
+    new = {split: Path(path).name for split, path in result["files"].items()}
+    present = [name for name in PAIR_FILES.values() if (root / name).is_file()]
+    users = [name for name in present if not _written_by_prepare(root, name, record)]
+    reason = " ".join(reason.split()) if reason else None  # one line: a file's report spans several
+    plan = {"arguments": arguments, "files": new, "remove": [name for name in present if name not in users],
+            "move_aside": users, "aside": _aside_folder(root).name if users else None}
+    atomic_write_text(root / JOURNAL, json.dumps(plan, indent=1))  # the commit
+    _apply(root, plan)
+    if users:
+        warnings.warn(f"{', '.join(users)} in {root} were not written by prepare ({reason or 'replaced'}): moved to "
+                      f"{root / plan['aside']}, nothing deleted", stacklevel=3)
+    elif present and reason:
+        warnings.warn(f"replaced the pair files {', '.join(present)} in {root} ({reason})", stacklevel=3)
+    return {**result, "files": {split: str(root / name) for split, name in new.items()}}
+
+
+def finish_interrupted_prepare(root: Path) -> None:
+    """Finish a prepare whose journal was committed, or undo one that was killed before it; remove its temporary
+    files. Nothing to do for a root no prepare was interrupted in."""
+    journal, staging = root / JOURNAL, root / STAGING
+    if journal.is_file():
+        _apply(root, json.loads(journal.read_text(encoding="utf-8")))
+    elif staging.exists():
+        shutil.rmtree(staging)
+    remove_temporary_files(root)
+
+
+def _apply(root: Path, plan: dict) -> None:
+    """Carry out a committed prepare: each step can run again after a kill (what was done is not found again)."""
+    if plan["move_aside"]:
+        aside = root / plan["aside"]
+        aside.mkdir(exist_ok=True)
+        for name in plan["move_aside"]:
+            if (root / name).is_file():
+                os.replace(root / name, aside / name)
+    for name in plan["remove"]:
+        if name not in plan["files"].values():
+            (root / name).unlink(missing_ok=True)
+    for name in plan["files"].values():
+        if (root / STAGING / name).is_file():
+            os.replace(root / STAGING / name, root / name)
+    record_pair_files(root, plan["arguments"], {split: str(root / name) for split, name in plan["files"].items()})
+    (root / JOURNAL).unlink()
+    shutil.rmtree(root / STAGING, ignore_errors=True)
+
+
+def _aside_folder(root: Path) -> Path:
+    stamp = time.strftime("previous-pairs-%Y%m%d-%H%M%S")
+    folder, number = root / stamp, 1
+    while folder.exists():
+        folder, number = root / f"{stamp}-{number}", number + 1
+    return folder
+
+
+def _read_record(root: Path) -> dict | None:
+    try:
+        return json.loads((root / PAIR_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def generate(root: str | os.PathLike, arguments: dict[str, Any], out_dir: str | os.PathLike | None = None) -> dict:
@@ -87,7 +189,8 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
     validates; files found without that record (your own) are kept when
     gray_train.txt, gray_test.txt and, for val_ratio > 0, gray_val.txt exist
     and validate. Otherwise (or with `rewrite`) the dataset's generator writes
-    them, and a warning says which files it replaced and why.
+    them (``write_pair_file_set``: one transaction; files it did not write are moved aside, never deleted), and a
+    warning says which files it replaced and why.
 
     Args:
         dataset: "cedar", "bhsig" or "gpds" ("gdps" too).
@@ -100,10 +203,8 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
     name = dataset_layout(dataset).name
     root = Path(data_root)
     arguments = generator_arguments(name, val_ratio, random_state, options, random_forgeries)
-    try:
-        saved = json.loads((root / PAIR_MANIFEST).read_text())
-    except (OSError, ValueError):
-        saved = None
+    finish_interrupted_prepare(root)
+    saved = _read_record(root)
     if saved is not None and saved.get("arguments") == arguments:
         files = {split: str(root / path) for split, path in saved["files"].items()}
     elif saved is None:
@@ -113,12 +214,7 @@ def ensure_pair_files(dataset: str, data_root: str | os.PathLike, val_ratio: flo
     reason = "made with other arguments" if files is None else _why_not_reusable(root, files)
     if reason is None and not rewrite:
         return files
-    existed = [PAIR_FILES[s] for s in PAIR_FILES if (root / PAIR_FILES[s]).is_file()]
-    result = generate(root, arguments)
-    record_pair_files(root, arguments, result["files"])
-    if existed and not rewrite:
-        warnings.warn(f"replaced the pair files {', '.join(existed)} in {root} ({reason})", stacklevel=2)
-    return result["files"]
+    return write_pair_file_set(root, arguments, None if rewrite else reason)["files"]
 
 
 def ensure_test_pair_file(dataset: str, data_root: str | os.PathLike, random_state: int = 42, **options: Any) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from module.core.io import atomic_write_text, write_json
 
-__all__ = ["compute_metrics", "compute_writer_metrics", "save_metrics_json", "save_per_writer_csv",
+__all__ = ["compute_metrics", "compute_writer_metrics", "rates_at_threshold", "save_metrics_json", "save_per_writer_csv",
            "ROC_KEYS", "AGGREGATES", "PAIR_KINDS", "PER_WRITER_COLUMNS"]
 
 # The kinds of query a pair can hold: the reference writer's own genuine signature, a skilled forgery of it,
@@ -206,6 +206,34 @@ def compute_writer_metrics(distances: Any, writer_ids: Any, kinds: Any) -> dict[
         "mean_writer_auc": float(np.mean([record["auc"] for record in per_writer])) if per_writer else float("nan"),
         "per_writer": per_writer,
         "skipped_writers": skipped,
+    }
+
+
+def rates_at_threshold(distances: Any, labels: Any, threshold: float, kinds: Any = None) -> dict[str, Any]:
+    """The error rates of accepting a pair when ``distance <= threshold``, a threshold fixed beforehand.
+
+    Args:
+        distances, labels: ``[N]`` (1 genuine, 0 forged).
+        kinds: ``[N]`` ``PAIR_KINDS``, or ``None`` when the file names do not say.
+
+    Returns:
+        ``frr``, ``far`` (every forged pair), ``far_skilled``, ``far_random`` (NaN without such pairs or
+        without ``kinds``), ``accuracy``: fractions in [0, 1].
+    """
+    scores = _as_1d_array(distances, "distances").astype(np.float64)
+    genuine = _as_1d_array(labels, "labels") == 1
+    accepted = scores <= threshold
+    kind_values = _as_1d_array(kinds, "kinds").astype(str) if kinds is not None else None
+
+    def far_of(forged: np.ndarray) -> float:
+        return float(accepted[forged].mean()) if forged.any() else float("nan")
+
+    return {
+        "frr": float((~accepted[genuine]).mean()) if genuine.any() else float("nan"),
+        "far": far_of(~genuine),
+        "far_skilled": far_of(kind_values == "skilled") if kind_values is not None else float("nan"),
+        "far_random": far_of(kind_values == "random") if kind_values is not None else float("nan"),
+        "accuracy": float((accepted == genuine).mean()),
     }
 
 

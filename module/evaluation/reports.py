@@ -1,14 +1,19 @@
 """The reports of a run folder, written from its committed checkpoints: metrics JSON, per-writer CSV, plots, weights.
 
-``evaluate_and_report`` validates a model on a split and writes its files;
-``report_run`` writes a run's whole report from ``best.pt``;
+``evaluate_and_report`` validates a model on a split and writes its files, with
+the figures at the run's operating point (``OperatingBasis``: the threshold
+``verify`` uses and the calibration of its likelihood ratios);
+``report_run`` writes a run's whole report from ``best.pt``; ``calibrate_run``
+adds the calibration to a run trained without one;
 ``starting_model_note`` says when a run's model is no better than where it
 started; ``explain_worst_errors`` draws why the model made its worst mistakes.
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,15 @@ from torch import nn
 
 from module.core.precision import model_device
 from module.core.wording import option
-from module.evaluation.metrics import save_metrics_json, save_per_writer_csv
+from module.evaluation.calibration import (
+    Calibration,
+    evidence_figures,
+    fit_calibration,
+    load_calibration,
+    save_calibration,
+)
+from module.evaluation.evidence_plots import plot_ece, plot_tippett
+from module.evaluation.metrics import rates_at_threshold, save_metrics_json, save_per_writer_csv
 from module.evaluation.plots import (
     plot_explanation,
     plot_roc_curve,
@@ -25,19 +38,84 @@ from module.evaluation.plots import (
     plot_training_history,
     plot_writer_eers,
 )
-from module.evaluation.validation import validate, writer_metrics_of
+from module.evaluation.validation import pair_kinds_of, validate, writer_count_of, writer_metrics_of
 from module.run.checkpoint import BEST_CHECKPOINT, apply_checkpoint, export_state_dict, read_checkpoint
 from module.run.config import FinetuneConfig
-from module.run.folder import BEST_WEIGHTS
+from module.run.folder import BEST_WEIGHTS, CALIBRATION
 from module.run.lock import lock_run_folder
 from module.run.state import TrainingRun
-from module.run.trained import EVALUATED_SPLITS
+from module.run.trained import build_datasets, load_trained_model, run_threshold
 
-__all__ = ["evaluate_and_report", "explain_worst_errors", "report_run", "starting_model_note", "worst_errors"]
+__all__ = ["OperatingBasis", "calibrate_run", "evaluate_and_report", "evidence_summary", "explain_worst_errors",
+           "report_run", "starting_model_note", "worst_errors"]
+
+# Below either count a validation split says little about new writers: a writer's pairs are alike, so the
+# threshold and the likelihood ratios fitted on 2 or 3 writers follow those writers; and with fewer than 500
+# pairs a rate of 10 % is known to about +-2.5 points (two binomial standard errors of 250 pairs a class).
+FEW_WRITERS = 5
+FEW_PAIRS = 500
+# How a split's own figures (eer, threshold, accuracy, far, frr at the top of its metrics) are reached.
+OWN_THRESHOLD = ("the EER threshold of this split itself, as papers report (it needs this split's labels, so no "
+                 "user can know it in advance; operating_point holds the figures at the threshold verify uses)")
+
+
+@dataclass(frozen=True)
+class OperatingBasis:
+    """What a split's figures at a run's operating point rest on: the threshold ``verify`` uses, and the calibration.
+
+    Attributes:
+        threshold: the distance threshold (``run_threshold``: the validation split's EER threshold).
+        source: where it comes from.
+        n_writers: the validation writers it was fitted on (``None`` when the file names do not say).
+        n_pairs: the validation pairs it was fitted on.
+        calibration: the run's ``calibration.json`` (fitted on the same pairs), or ``None``.
+    """
+
+    threshold: float
+    source: str
+    n_writers: int | None
+    n_pairs: int
+    calibration: Calibration | None = None
+
+    @classmethod
+    def of_run(cls, run: str | Path) -> OperatingBasis | None:
+        """The basis of a run folder (or a checkpoint file's folder): its ``val_metrics.json`` and ``calibration.json``;
+        ``None`` when it has no validation metrics."""
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        metrics_file = folder / "val_metrics.json"
+        if not metrics_file.is_file():
+            return None
+        validation = json.loads(metrics_file.read_text())
+        n_writers = validation.get("n_writers")
+        writers = validation.get("writer_level")
+        if n_writers is None and writers:  # a run reported before n_writers was recorded
+            n_writers = len(writers["per_writer"]) + len(writers["skipped_writers"])
+        threshold, source = run_threshold(folder)
+        return cls(threshold, source, n_writers, validation["n_genuine"] + validation["n_forged"],
+                   load_calibration(folder))
+
+    def warning(self) -> str | None:
+        """Why the figures at this basis may not hold for new writers (too few writers or pairs), or ``None``."""
+        few = ([f"{_count(self.n_writers, 'writer')} (fewer than {FEW_WRITERS})"]
+               if self.n_writers is not None and self.n_writers < FEW_WRITERS else [])
+        few += [f"{_count(self.n_pairs, 'pair')} (fewer than {FEW_PAIRS})"] if self.n_pairs < FEW_PAIRS else []
+        if not few:
+            return None
+        fitted = "the threshold and the likelihood ratios rest" if self.calibration else "the threshold rests"
+        return (f"{fitted} on {' and '.join(few)} of the validation split: a writer's pairs are alike, so a few writers "
+                "say little of new ones, and few pairs leave the rates uncertain by several points; the test figures "
+                "at this threshold show how far off it is")
+
+    def operating_point(self, distances: Any, labels: Any, kinds: Any = None) -> dict[str, Any]:
+        """The rates of a split at this threshold (``rates_at_threshold``), with what the threshold rests on."""
+        return {"threshold": self.threshold, "source": self.source, "n_val_writers": self.n_writers,
+                "n_val_pairs": self.n_pairs, **rates_at_threshold(distances, labels, self.threshold, kinds),
+                "warning": self.warning()}
 
 
 def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: str,
-                        config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
+                        config: FinetuneConfig, progress: bool = True, *,
+                        basis: OperatingBasis | None = None) -> dict[str, Any]:
     """Validate ``model`` on ``data`` (a pair dataset or a ``FeatureCache``) and write its report into ``out_dir``.
 
     A dataset's features come from, and go to, the feature store of
@@ -45,14 +123,28 @@ def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: 
     ``{name}_scores.png``; when the file names give each pair's writer and
     kind (``writer_metrics_of``), also ``{name}_per_writer.csv`` and
     ``{name}_writer_eers.png``. Returns ``validate``'s metrics (with
-    ``threshold``, ``distances`` and ``labels``) and ``writer_level``
-    (``compute_writer_metrics``' dict, or ``None``). Runs on the model's device.
+    ``threshold``, ``distances`` and ``labels``), ``writer_level``
+    (``compute_writer_metrics``' dict, or ``None``) and ``n_writers``. Runs on the model's device.
+
+    With a ``basis`` (``OperatingBasis.of_run``: the split is not the one the threshold was fitted on), also
+    ``threshold_source`` (the top-level figures are at the split's own EER threshold), ``operating_point``
+    (the rates at the threshold ``verify`` uses) and, when the basis has a calibration, ``evidence``
+    (``evidence_figures``: Cllr, Cllr_min, Cllr_cal a kind of forgery) with ``{name}_tippett.png`` and
+    ``{name}_ece.png``.
     """
     out_dir = Path(out_dir)
     metrics = validate(model, data, batch_size=config.eval_batch_size, amp=config.autocast,
                           feature_dtype=config.feature_dtype, feature_dir=config.feature_store_dir(),
                           num_workers=config.num_workers, progress=progress, desc=name)
     metrics["writer_level"] = writer_metrics_of(data, metrics["distances"], metrics["labels"])
+    metrics["n_writers"] = writer_count_of(data)
+    if basis is not None:
+        kinds = pair_kinds_of(data, metrics["labels"])
+        metrics["threshold_source"] = OWN_THRESHOLD
+        metrics["operating_point"] = basis.operating_point(metrics["distances"], metrics["labels"], kinds)
+        if basis.calibration is not None:
+            metrics["evidence"] = evidence_figures(basis.calibration, metrics["distances"], metrics["labels"], kinds)
+            _plot_evidence(basis.calibration, metrics, kinds, out_dir, name)
     save_metrics_json(metrics, out_dir / f"{name}_metrics.json")
     plot_roc_curve(metrics, out_dir / f"{name}_roc.png", title=f"ROC curve: {name}")
     plot_score_distribution(metrics, out_dir / f"{name}_scores.png", title=f"Distance distribution: {name}")
@@ -62,6 +154,73 @@ def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: 
             plot_writer_eers(metrics["writer_level"], out_dir / f"{name}_writer_eers.png",
                              title=f"EER of each writer, genuine vs skilled: {name}")
     return metrics
+
+
+def _plot_evidence(calibration: Calibration, metrics: Mapping[str, Any], kinds: Any, out_dir: Path, name: str) -> None:
+    """``{name}_tippett.png`` and ``{name}_ece.png`` of a split's LRs (``calibration`` of ``metrics``' distances)."""
+    lrs = calibration.likelihood_ratios(metrics["distances"])
+    genuine = np.asarray(metrics["labels"]) == 1
+    kind_values = np.asarray(kinds).astype(str) if kinds is not None else np.where(genuine, "genuine", "all")
+    forgeries = [kind for kind in ("skilled", "random", "all") if (kind_values == kind).any()]
+    plot_tippett({kind: lrs[kind_values == kind] for kind in ("genuine", *forgeries)}, out_dir / f"{name}_tippett.png",
+                 title=f"Tippett plot: {name} (likelihood ratios of {calibration.method} calibration)")
+    plot_ece({kind: (lrs[genuine | (kind_values == kind)], genuine[genuine | (kind_values == kind)])
+              for kind in forgeries}, calibration.bounds, out_dir / f"{name}_ece.png",
+             title=f"Empirical cross-entropy: {name}")
+
+
+def _count(number: int, thing: str) -> str:
+    """``1 writer``, ``2 writers``."""
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
+def _percent(value: float | None) -> str:
+    """A rate for people; ``None`` or NaN (no such pairs) as ``n/a``."""
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f} %"
+
+
+def evidence_summary(metrics: Mapping[str, Any]) -> list[str]:
+    """Lines for people: a split's rates at the threshold ``verify`` uses (and why they may not hold), and the Cllr
+    figures of its likelihood ratios; none for a split evaluated without a basis (``evaluate_and_report``)."""
+    lines = []
+    point = metrics.get("operating_point")
+    if point:
+        writers = f"{_count(point['n_val_writers'], 'writer')}, " if point["n_val_writers"] is not None else ""
+        lines.append(f"at the threshold verify uses, {point['threshold']:.6g} ({point['source']}; {writers}"
+                     f"{_count(point['n_val_pairs'], 'pair')}): FRR {_percent(point['frr'])}, FAR skilled "
+                     f"{_percent(point['far_skilled'])}, FAR random {_percent(point['far_random'])}, FAR all forged "
+                     f"{_percent(point['far'])}, accuracy {_percent(point['accuracy'])}")
+        if point["warning"]:
+            lines.append(f"warning: {point['warning']}")
+    evidence = metrics.get("evidence") or {}
+    for kind in ("skilled", "random", "all"):
+        figures = evidence.get(kind)
+        if figures:
+            lines.append(f"likelihood ratios ({evidence['method']} calibration), genuine vs {kind} forgeries "
+                         f"({figures['n_genuine']} + {figures['n_forged']} pairs): Cllr {figures['cllr']:.3f}, "
+                         f"Cllr_min {figures['cllr_min']:.3f}, Cllr_cal {figures['cllr_cal']:.3f} bits")
+    return lines
+
+
+def calibrate_run(run: str | Path, *, method: str = "logistic", progress: bool = True) -> dict[str, Any]:
+    """Fit a trained run's likelihood ratios on its validation split, without training; writes ``calibration.json``.
+
+    For a run trained before the calibration was part of its report (``report_run`` writes it at the end of
+    every run). ``method``: ``"logistic"`` or ``"pav"`` (``fit_calibration``). Returns ``evidence_figures`` of
+    the validation pairs it was fitted on (in-sample, so optimistic; ``evaluate_and_report`` with
+    ``OperatingBasis.of_run`` gives the test split's), with ``path``, the file written.
+    """
+    config, model = load_trained_model(run)
+    data = build_datasets(config, splits=("val",))["val"]
+    with lock_run_folder(config.ckpt_dir):
+        metrics = validate(model, data, batch_size=config.eval_batch_size, amp=config.autocast,
+                           feature_dtype=config.feature_dtype, feature_dir=config.feature_store_dir(),
+                           num_workers=config.num_workers, progress=progress, desc="val")
+        calibration = fit_calibration(metrics["distances"], metrics["labels"], method=method, split="val",
+                                      n_writers=writer_count_of(data))
+        path = save_calibration(calibration, Path(config.ckpt_dir) / CALIBRATION)
+    kinds = pair_kinds_of(data, metrics["labels"])
+    return {**evidence_figures(calibration, metrics["distances"], metrics["labels"], kinds), "path": path}
 
 
 def starting_model_note(run: str | Path) -> str | None:
@@ -133,8 +292,10 @@ def explain_worst_errors(model: nn.Module, dataset: Any, metrics: dict[str, Any]
 def report_run(run: TrainingRun, datasets: Mapping[str, Any], progress: bool = True) -> dict[str, dict[str, Any]]:
     """Load the best epoch into ``run.model`` and write the run folder's reports; returns ``{split: metrics}``.
 
-    Evaluates the validation and test splits (``{split}_metrics.json`` and
-    plots, see ``evaluate_and_report``), and writes ``history.json``,
+    Evaluates the validation split, fits the likelihood ratios on its pairs
+    (``calibration.json``), then evaluates the test split at the validation
+    threshold with them (``{split}_metrics.json`` and plots, see
+    ``evaluate_and_report``), and writes ``history.json``,
     ``history.png`` and ``best_weights.pth`` (the whole model, a plain state
     dict that ``model_v3.load_pretrained`` reads). Every file is derived from
     ``best.pt`` and the history, and rewritten each time, under the run
@@ -143,8 +304,11 @@ def report_run(run: TrainingRun, datasets: Mapping[str, Any], progress: bool = T
     with lock_run_folder(run.ckpt_dir):
         apply_checkpoint(read_checkpoint(run.best_checkpoint), run.best_checkpoint, run.model,
                          fingerprint=run.frozen_fingerprint or None)
-        metrics = {split: evaluate_and_report(run.model, datasets[split], run.ckpt_dir, split, run.config, progress)
-                   for split in EVALUATED_SPLITS}
+        val = evaluate_and_report(run.model, datasets["val"], run.ckpt_dir, "val", run.config, progress)
+        save_calibration(fit_calibration(val["distances"], val["labels"], split="val", n_writers=val["n_writers"]),
+                         run.ckpt_dir / CALIBRATION)
+        metrics = {"val": val, "test": evaluate_and_report(run.model, datasets["test"], run.ckpt_dir, "test", run.config,
+                                                           progress, basis=OperatingBasis.of_run(run.ckpt_dir))}
         save_metrics_json(run.history, run.ckpt_dir / "history.json")
         plot_training_history(run.history, run.ckpt_dir / "history.png")
         export_state_dict(run.best_checkpoint, run.ckpt_dir / BEST_WEIGHTS, model=run.model)

@@ -34,7 +34,8 @@ from module.features.cache import FeatureCache, compute_features
 from module.features.loaders import pair_distances
 from module.run.config import FinetuneConfig
 
-__all__ = ["evaluate_with_references", "reference_trials", "validate", "writer_metrics_of"]
+__all__ = ["evaluate_with_references", "pair_kinds_of", "reference_trials", "validate", "writer_count_of",
+           "writer_metrics_of"]
 
 
 def validate(
@@ -109,12 +110,8 @@ def _pair_paths(data: Any) -> list[tuple[str, str]]:
     return [(ref, query) for ref, query, _ in data.pairs]
 
 
-def writer_metrics_of(data: Any, distances: Any, labels: Any) -> dict[str, Any] | None:
-    """``compute_writer_metrics`` of a pair dataset's (or ``FeatureCache``'s) distances, kinds read from file names.
-
-    ``None``, with a warning saying why, when a file name follows no layout,
-    a kind disagrees with its label, or no pair is a skilled forgery.
-    """
+def _kinds_and_doubt(data: Any, labels: Any) -> tuple[list[tuple[str, str]], list[str | None], str | None]:
+    """``(pairs, each pair's kind read from its file names, why the kinds cannot be used or None)``."""
     pairs = _pair_paths(data)
     kinds = [pair_kind(ref, query) for ref, query in pairs]
     labels = np.asarray(labels).reshape(-1)
@@ -127,7 +124,31 @@ def writer_metrics_of(data: Any, distances: Any, labels: Any) -> dict[str, Any] 
                   "forgery of a CEDAR, BHSig or GPDS layout)")
     elif mislabelled is not None:
         reason = f"pair {pairs[mislabelled]} is labelled {labels[mislabelled]}, but its file names make it {kinds[mislabelled]}"
-    elif "skilled" not in kinds:
+    return pairs, kinds, reason
+
+
+def pair_kinds_of(data: Any, labels: Any) -> list[str] | None:
+    """Each pair's kind (``PAIR_KINDS``) read from the file names of a pair dataset or ``FeatureCache``, ``[N]``;
+    ``None`` when a name follows no layout or a kind disagrees with its label (``labels``, ``[N]``)."""
+    _, kinds, doubt = _kinds_and_doubt(data, labels)
+    return None if doubt is not None else kinds
+
+
+def writer_count_of(data: Any) -> int | None:
+    """How many writers the references of a pair dataset (or ``FeatureCache``) come from; ``None`` when a file
+    name follows no layout."""
+    writers = {signature_of(ref) for ref, _ in _pair_paths(data)}
+    return None if None in writers else len({signature.writer for signature in writers})
+
+
+def writer_metrics_of(data: Any, distances: Any, labels: Any) -> dict[str, Any] | None:
+    """``compute_writer_metrics`` of a pair dataset's (or ``FeatureCache``'s) distances, kinds read from file names.
+
+    ``None``, with a warning saying why, when a file name follows no layout,
+    a kind disagrees with its label, or no pair is a skilled forgery.
+    """
+    pairs, kinds, reason = _kinds_and_doubt(data, labels)
+    if reason is None and "skilled" not in kinds:
         reason = "no pair holds a skilled forgery"
     if reason is not None:
         warnings.warn(f"no writer-level figures: {reason}", stacklevel=2)

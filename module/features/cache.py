@@ -10,6 +10,7 @@ share the embedding: each embeds its share of the images.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -200,7 +201,7 @@ def compute_features(
         dtype: ``"float32"`` (distances equal the per-pair path's to 1e-5), ``"float16"`` (half the
             memory) or ``"auto"`` (float16 when float32 would pass ``RAM_SHARE`` of the RAM available).
         feature_dir: empty: embed every image, keep the features in RAM only. A folder: the persistent
-            feature store there (module/feature_store.py): images it holds are not embedded again, the
+            feature store there (module/features/store.py): images it holds are not embedded again, the
             others are added in atomically committed chunks; the features are then read into RAM, or
             memory-mapped when they would take more than ``RAM_SHARE`` of the RAM available.
         amp: run the backbone under autocast on CUDA: ``True`` (float16) or an ``AMP_DTYPES`` name.
@@ -236,29 +237,29 @@ def compute_features(
     autocast_name = str(autocast_dtype(amp, device) or "").removeprefix("torch.") or False
     store = FeatureStore(feature_dir, FeatureStore.key_for(model, image_size, dtype_name,
                                                            getattr(dataset, "mode", "normalized"), autocast_name))
-    if group.is_main:
-        store.prepare()
-    group.barrier()
-    places, chunks = store.lookup(paths)
-    missing = [path for path, place in zip(paths, places) if place is None]
-    if log is not None:
-        log(f"feature store {store.folder}: {len(paths) - len(missing)} of {len(paths)} images found"
-            + (f", embedding {len(missing)}" if missing else ", nothing to embed"))
-    if missing:
-        per_chunk = chunk_images or max(1, CHUNK_BYTES // feature_bytes(1, image_size, dtype_name))
-        pending: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
-        mine = [missing[i] for i in share(np.arange(len(missing)), group)]
-        for batch in _embedded_batches(model, dataset, mine, **embedding):
-            pending.append(batch)
-            while sum(len(paths_) for paths_, _, _ in pending) >= per_chunk:
-                pending = _commit(store, pending, per_chunk)
-        if pending:
-            _commit(store, pending, None)
-        group.barrier()  # every process's chunks are committed
+    # Rank 0 holds the store open for writing (its lock) until every process's chunks are committed.
+    with store.writing() if group.is_main else nullcontext():
+        group.barrier()
         places, chunks = store.lookup(paths)
-        changed = [path for path, place in zip(paths, places) if place is None]
-        if changed:
-            raise OSError(f"{len(changed)} image(s) changed while they were embedded, e.g. {changed[0]}: run again")
+        missing = [path for path, place in zip(paths, places) if place is None]
+        if log is not None:
+            log(f"feature store {store.folder}: {len(paths) - len(missing)} of {len(paths)} images found"
+                + (f", embedding {len(missing)}" if missing else ", nothing to embed"))
+        if missing:
+            per_chunk = chunk_images or max(1, CHUNK_BYTES // feature_bytes(1, image_size, dtype_name))
+            pending: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
+            mine = [missing[i] for i in share(np.arange(len(missing)), group)]
+            for batch in _embedded_batches(model, dataset, mine, **embedding):
+                pending.append(batch)
+                while sum(len(paths_) for paths_, _, _ in pending) >= per_chunk:
+                    pending = _commit(store, pending, per_chunk)
+            if pending:
+                _commit(store, pending, None)
+            group.barrier()  # every process's chunks are committed
+            places, chunks = store.lookup(paths)
+            changed = [path for path, place in zip(paths, places) if place is None]
+            if changed:
+                raise OSError(f"{len(changed)} image(s) changed while they were embedded, e.g. {changed[0]}: run again")
     needed, available = feature_bytes(len(paths), image_size, dtype_name), available_memory()
     in_ram = needed <= RAM_SHARE * available
     n_tokens = next(iter(chunks.values())).shape[1]

@@ -23,8 +23,8 @@ from torch import nn
 from models.weights import (
     CheckpointError,
     CheckpointMismatchError,
-    checksum_path,
     load_state_dict_checked,
+    missing_checksum,
     read_torch_file,
     recorded_checksum,
     weights_fingerprint,
@@ -144,8 +144,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if checkpoint["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {checkpoint['format']}, this code reads {CHECKPOINT_FORMAT}")
     if recorded_checksum(path) is None:
-        raise CheckpointError(f"{path} has no checksum file {checksum_path(path).name} beside it, so it cannot be "
-                              "verified: copy the run folder whole")
+        raise CheckpointError(f"{path} cannot be verified: {missing_checksum(path)}; copy the run folder whole")
     return checkpoint
 
 

@@ -5,6 +5,8 @@ A run folder holds::
     epoch_NNNN.pt   (+ .sha256)  the commit point of epoch N: what trains, optimizer, schedule, RNG, history, config
     best.pt         (+ .sha256)  a copy of the best epoch's checkpoint; rebuilt when missing, stale or damaged
     best_weights.pth (+ .sha256), history.json, history.png, {val,test}_{metrics.json,roc.png,scores.png}: the report
+    calibration.json, test_tippett.png, test_ece.png  the likelihood ratios fitted on the validation split; report too
+    tensorboard/                 the training curves, one point an epoch (``module/evaluation/curves.py``)
     .lock                        the lock: one process writes the folder at a time (``module/run/lock.py``)
 
 The rules that keep it consistent through a ``kill -9`` at any instant:
@@ -36,14 +38,19 @@ from module.core.wording import format_metric, option
 from module.run.checkpoint import BEST_CHECKPOINT, epoch_checkpoint_path, read_checkpoint
 
 __all__ = [
-    "BEST_WEIGHTS", "REPORT_FILES", "ResumePoint", "RunFolderError", "clean_run_folder", "find_latest_checkpoint",
-    "find_resume_point", "prune_checkpoints", "run_status", "set_aside_run", "start_over", "sync_best_checkpoint",
+    "BEST_WEIGHTS", "CALIBRATION", "REPORT_FILES", "ResumePoint", "RunFolderError", "clean_run_folder",
+    "find_latest_checkpoint", "find_resume_point", "prune_checkpoints", "run_status", "set_aside_run", "start_over",
+    "sync_best_checkpoint", "TENSORBOARD_DIR",
 ]
 
 BEST_WEIGHTS = "best_weights.pth"
+# The map distance -> likelihood ratio fitted on the validation split (module/evaluation/calibration.py).
+CALIBRATION = "calibration.json"
 # What report_run writes; derived from best.pt, so it goes with the checkpoints when a run is set aside.
-REPORT_FILES = (BEST_WEIGHTS, "history.json", "history.png",
+REPORT_FILES = (BEST_WEIGHTS, CALIBRATION, "history.json", "history.png", "test_tippett.png", "test_ece.png",
                 *(f"{split}_{kind}" for split in ("val", "test") for kind in ("metrics.json", "roc.png", "scores.png")))
+# The training curves' event files; they go with the checkpoints when a run is set aside.
+TENSORBOARD_DIR = "tensorboard"
 _EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")
 
 
@@ -209,7 +216,7 @@ def prune_checkpoints(directory: str | Path, keep_last: int, keep_epochs: Iterab
 
 
 def set_aside_run(directory: str | Path) -> Path | None:
-    """Move a run folder's checkpoints and report into a new ``previous-<date>-<time>`` sub-folder; returns it
+    """Move a run folder's checkpoints, report and training curves into a new ``previous-<date>-<time>`` sub-folder; returns it
     (``None``: nothing to move).
 
     Starting over never overwrites or mixes in an earlier run's epochs.
@@ -219,6 +226,7 @@ def set_aside_run(directory: str | Path) -> Path | None:
     names = [path.name for _, path in sorted(_epoch_checkpoints(directory))] + [BEST_CHECKPOINT, *REPORT_FILES]
     old = [directory / name for name in names if (directory / name).is_file()]
     old += [record for record in map(checksum_path, old) if record.is_file()]
+    old += [directory / TENSORBOARD_DIR] * (directory / TENSORBOARD_DIR).is_dir()
     if not old:
         return None
     archive = directory / time.strftime("previous-%Y%m%d-%H%M%S")

@@ -123,6 +123,7 @@ def lock_run_folder(folder: str | Path) -> Iterator[Path]:
     if not current_group().is_main:  # under torchrun rank 0 holds the lock and writes; the others only read
         yield folder
         return
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     with _held_guard:
@@ -138,6 +139,8 @@ def lock_run_folder(folder: str | Path) -> Iterator[Path]:
             if _held[key][2] == 0:
                 descriptor, claim, _ = _held.pop(key)
                 _release(descriptor, claim)
+                if created:
+                    _remove_if_only_the_lock(folder)
 
 
 def _acquire(folder: Path) -> tuple[int | None, Path | None]:
@@ -159,6 +162,16 @@ def _acquire(folder: Path) -> tuple[int | None, Path | None]:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, _holder_text().encode(), 0)
     return descriptor, None
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    """Remove a folder this lock created when nothing but the lock file is in it (a run that failed at its start)."""
+    try:
+        if {path.name for path in folder.iterdir()} <= {LOCK_FILE}:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:  # another process came in meanwhile: the folder is its now
+        pass
 
 
 def _release(descriptor: int | None, claim: Path | None) -> None:
