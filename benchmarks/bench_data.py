@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from module.data.preprocess import normalize_image  # noqa: E402
-from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset  # noqa: E402
-from sig_dataloader_colab import SigDataset_CEDAR_Colab  # noqa: E402
-from training_utils import compute_metrics  # noqa: E402
+from module.data.preprocess import normalize_image
+from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
+from sig_dataloader_colab import SigDataset_CEDAR_Colab
+from training_utils import compute_metrics
 
 CEDAR_TRAIN_PAIRS = 34080
 

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from module.features.store import CHUNK_BYTES, FeatureStore, file_sha256, gather  # noqa: E402
+from module.features.store import CHUNK_BYTES, FeatureStore, file_sha256, gather
 
 TOKENS, DIM = 49, 384  # 224 px: a 7 x 7 grid of 384-channel tokens
 

@@ -36,10 +36,10 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_v3 import ViT_for_OSV_DSNet  # noqa: E402
-from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset  # noqa: E402
-from sig_dataloader_colab import SigDataset_CEDAR_Colab  # noqa: E402
-from training_utils import (  # noqa: E402
+from model_v3 import ViT_for_OSV_DSNet
+from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
+from sig_dataloader_colab import SigDataset_CEDAR_Colab
+from training_utils import (
     build_optimizer_for_head_only,
     compute_features,
     compute_metrics,

@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_v3 import TokenFeatures, ViT_for_OSV_DSNet  # noqa: E402
-from prepare_datasets import make_synthetic_dataset  # noqa: E402
-from sig_dataloader_colab import load_signature  # noqa: E402
-from training_utils import Verifier  # noqa: E402
+from model_v3 import TokenFeatures, ViT_for_OSV_DSNet
+from prepare_datasets import make_synthetic_dataset
+from sig_dataloader_colab import load_signature
+from training_utils import Verifier
 
 
 def timed(call: Callable[[], object], repeats: int) -> list[float]:

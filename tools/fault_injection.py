@@ -38,9 +38,9 @@ import torch
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from models.weights import read_torch_file  # noqa: E402
-from module.core.io import TEMPORARY_SUFFIX  # noqa: E402
-from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset  # noqa: E402
+from models.weights import read_torch_file
+from module.core.io import TEMPORARY_SUFFIX
+from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 
 TRAINING = ["--image-size", "64", "--epochs", "3", "--batch-size", "16", "--lr", "1e-2", "--device", "cpu",
             "--keep-last", "1"]

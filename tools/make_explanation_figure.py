@@ -16,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from module.evaluation.plots import plot_explanation  # noqa: E402
-from module.evaluation.reports import worst_errors  # noqa: E402
-from training_utils import build_datasets, load_trained_model, run_threshold, validate  # noqa: E402
+from module.evaluation.plots import plot_explanation
+from module.evaluation.reports import worst_errors
+from training_utils import build_datasets, load_trained_model, run_threshold, validate
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from module.verifier import Verifier  # noqa: E402
+from module.verifier import Verifier
 
 WAIT_S = 120
 HEIGHT = 3000  # pixels: more than the page with its figure

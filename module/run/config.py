@@ -29,7 +29,7 @@ class ConfigError(InputError):
     """A setting of a run is not valid (the message names each, in the words of the interface in use)."""
 
 
-def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:  # noqa: A002 - argparse's word
+def _setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
     """A ``FinetuneConfig`` field whose help text (and choices) the command line shows."""
     return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None})
 

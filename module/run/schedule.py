@@ -48,7 +48,7 @@ class GradualWarmupScheduler(LRScheduler):
             return [base_lr * progress for base_lr in self.base_lrs]
         return [base_lr * (1.0 + (self.multiplier - 1.0) * progress) for base_lr in self.base_lrs]
 
-    def step(self, epoch: None = None) -> None:  # noqa: D102 - LRScheduler.step
+    def step(self, epoch: None = None) -> None:
         if self.after_scheduler is None or self.last_epoch < self.total_epoch:
             super().step()
             return
