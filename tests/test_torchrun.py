@@ -73,7 +73,9 @@ def test_two_processes_train_as_one(corpus: Path, tmp_path: Path, path: str) -> 
                 scale = alone_state[name].abs().max()
                 torch.testing.assert_close(together_state[name], alone_state[name], rtol=1e-3, atol=1e-3 * scale)
         assert two["history"]["val_eer"] == one["history"]["val_eer"]
-        assert two["history"]["train_loss"][1:] == pytest.approx(one["history"]["train_loss"][1:], rel=1e-6)
+        # The losses follow the weights, which Adam moves apart by its rounding in a few coordinates (see above):
+        # 1.04e-6 relative measured on one CPU, 1e-7 on another; a wrong gradient would move them by percents.
+        assert two["history"]["train_loss"][1:] == pytest.approx(one["history"]["train_loss"][1:], rel=1e-5)
         assert {**two["config"], "ckpt_dir": ""} == {**one["config"], "ckpt_dir": ""}
     assert 0 < epochs_of(tmp_path / "one")[1]["history"]["val_eer"][-1] < 1, "a validation set that can tell"
     start = read_torch_file(tmp_path / "one" / "epoch_0000.pt")["trained_state_dict"]

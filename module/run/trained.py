@@ -114,7 +114,8 @@ def run_threshold(run: str | Path) -> tuple[float, str]:
     for split in EVALUATED_SPLITS:
         metrics_file = folder / f"{split}_metrics.json"
         if metrics_file.is_file():
-            return float(json.loads(metrics_file.read_text())["threshold"]), f"EER threshold of {metrics_file}"
+            # Named without its folder: a run folder's report must not depend on where the folder is.
+            return float(json.loads(metrics_file.read_text())["threshold"]), f"EER threshold of {metrics_file.name}"
     evaluate = step(f"python finetune.py evaluate --run {folder}", "run PART 7 to its end",
                     "evaluate_and_report(model, data, run_folder, 'val', config)")
     raise FileNotFoundError(f"no val_metrics.json or test_metrics.json in {folder}. Fix: evaluate the run first "
