@@ -11,9 +11,11 @@ after a random instant (a temporary file of ``module/core/io.atomic_write``
 seen in the run folder or its feature store: the kill lands while a
 checkpoint, checksum, metrics file, report, plot, ``best_weights.pth`` or a
 feature-store chunk is being written); after the last kill the command runs
-to its end. The trial's ``best.pt``, ``best_weights.pth`` (every tensor,
-``torch.equal``), metrics JSON, history (wall times aside) and the folder's
-file names must equal the reference's. ``--prepare-kills`` does the same to
+to its end. The trial's folder must hold the reference's file names, and
+the same files: ``best.pt`` every tensor (``torch.equal``), ``history.json``
+its values, the wall times of the epochs aside, and every report (metrics
+JSON, per-writer CSV, plots, manifests, calibration, ``best_weights.pth``)
+byte for byte. ``--prepare-kills`` does the same to
 ``finetune.py prepare cedar`` replacing a folder's pair files made with other
 options: after the kills and one more run, the pair files and their record
 must equal an uninterrupted prepare's, byte for byte, with nothing left
@@ -44,8 +46,9 @@ from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 
 TRAINING = ["--image-size", "64", "--epochs", "3", "--batch-size", "16", "--lr", "1e-2", "--device", "cpu",
             "--keep-last", "1"]
-COMPARED_JSON = ("val_metrics.json", "test_metrics.json", "history.json")
 IGNORED_KEYS = ("seconds", "ckpt_dir")  # wall times, and the run folder's own path
+# Files holding the epochs' wall times: best.pt and history.json are compared by value; every other file byte for byte.
+WALL_TIMES = re.compile(r"^(epoch_\d+\.pt|best\.pt)(\.sha256)?$|^history\.json$")
 
 
 def command(data: Path, out: Path) -> list[str]:
@@ -69,13 +72,14 @@ def differences(actual: Any, expected: Any, where: str) -> list[str]:
 
 
 def compare(folder: Path, reference: Path) -> list[str]:
-    found = []
-    for name in ("best.pt", "best_weights.pth"):
-        found += differences(read_torch_file(folder / name), read_torch_file(reference / name), name)
-    for name in COMPARED_JSON:
-        found += differences(json.loads((folder / name).read_text()), json.loads((reference / name).read_text()), name)
     names, expected = sorted(p.name for p in folder.iterdir()), sorted(p.name for p in reference.iterdir())
-    return found + ([f"files: {names} != {expected}"] if names != expected else [])
+    if names != expected:
+        return [f"files: {names} != {expected}"]
+    found = differences(read_torch_file(folder / "best.pt"), read_torch_file(reference / "best.pt"), "best.pt")
+    found += differences(json.loads((folder / "history.json").read_text()),
+                         json.loads((reference / "history.json").read_text()), "history.json")
+    return found + [name for name in expected if (reference / name).is_file() and not WALL_TIMES.match(name)
+                    and (folder / name).read_bytes() != (reference / name).read_bytes()]
 
 
 def temporary_files(folder: Path) -> list[str]:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_from_main",
     "current_group",
+    "end_this_worker_quietly",
     "end_with_the_launcher",
     "gather_in_order",
     "join_process_group",
@@ -127,6 +128,18 @@ def end_with_the_launcher(period_s: float = 0.5) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="end-with-torchrun", daemon=True).start()
+
+
+def end_this_worker_quietly() -> NoReturn:
+    """End this torchrun worker (not rank 0) at once, saying nothing, with status 0: rank 0 says why the job stops.
+
+    Status 0, because a worker that exits with another one first makes torchrun stop the others with SIGTERM,
+    rank 0 too, maybe before it has printed its reason; torchrun's own status is then rank 0's failure (1). At
+    once (``os._exit``), because the worker holds nothing: rank 0 holds the run folder's lock and writes every file.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def leave_process_group() -> None:

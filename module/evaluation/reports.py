@@ -4,15 +4,18 @@
 the figures at the run's operating point (``OperatingBasis``: the threshold
 ``verify`` uses and the calibration of its likelihood ratios);
 ``report_run`` writes a run's whole report from ``best.pt``; ``calibrate_run``
-adds the calibration to a run trained without one;
+adds the calibration to a run trained without one; ``report_is_whole`` tells a
+report all of whose files were written, and are unchanged, from one that a
+kill cut short or that was damaged since (its manifest, written last);
 ``starting_model_note`` says when a run's model is no better than where it
 started; ``explain_worst_errors`` draws why the model made its worst mistakes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from module.core.io import write_json
 from module.core.precision import model_device
 from module.core.wording import option
 from module.evaluation.calibration import (
@@ -41,13 +45,13 @@ from module.evaluation.plots import (
 from module.evaluation.validation import pair_kinds_of, validate, writer_count_of, writer_metrics_of
 from module.run.checkpoint import BEST_CHECKPOINT, apply_checkpoint, export_state_dict, read_checkpoint
 from module.run.config import FinetuneConfig
-from module.run.folder import BEST_WEIGHTS, CALIBRATION
+from module.run.folder import BEST_WEIGHTS, CALIBRATION, MANIFEST_SUFFIX
 from module.run.lock import lock_run_folder
 from module.run.state import TrainingRun
 from module.run.trained import build_datasets, load_trained_model, run_threshold
 
 __all__ = ["OperatingBasis", "calibrate_run", "evaluate_and_report", "evidence_summary", "explain_worst_errors",
-           "report_run", "starting_model_note", "worst_errors"]
+           "record_report", "report_is_whole", "report_run", "starting_model_note", "worst_errors"]
 
 # Below either count a validation split says little about new writers: a writer's pairs are alike, so the
 # threshold and the likelihood ratios fitted on 2 or 3 writers follow those writers; and with fewer than 500
@@ -122,8 +126,8 @@ def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: 
     ``config`` (``config.feature_store_dir()``). Files: ``{name}_metrics.json`` (no arrays), ``{name}_roc.png``,
     ``{name}_scores.png``; when the file names give each pair's writer and
     kind (``writer_metrics_of``), also ``{name}_per_writer.csv`` and
-    ``{name}_writer_eers.png``. Returns ``validate``'s metrics (with
-    ``threshold``, ``distances`` and ``labels``), ``writer_level``
+    ``{name}_writer_eers.png``; last, ``{name}_manifest.json`` (``record_report``). Returns
+    ``validate``'s metrics (with ``threshold``, ``distances`` and ``labels``), ``writer_level``
     (``compute_writer_metrics``' dict, or ``None``) and ``n_writers``. Runs on the model's device.
 
     With a ``basis`` (``OperatingBasis.of_run``: the split is not the one the threshold was fitted on), also
@@ -138,35 +142,67 @@ def evaluate_and_report(model: nn.Module, data: Any, out_dir: str | Path, name: 
                           num_workers=config.num_workers, progress=progress, desc=name)
     metrics["writer_level"] = writer_metrics_of(data, metrics["distances"], metrics["labels"])
     metrics["n_writers"] = writer_count_of(data)
+    written = []
     if basis is not None:
         kinds = pair_kinds_of(data, metrics["labels"])
         metrics["threshold_source"] = OWN_THRESHOLD
         metrics["operating_point"] = basis.operating_point(metrics["distances"], metrics["labels"], kinds)
         if basis.calibration is not None:
             metrics["evidence"] = evidence_figures(basis.calibration, metrics["distances"], metrics["labels"], kinds)
-            _plot_evidence(basis.calibration, metrics, kinds, out_dir, name)
-    save_metrics_json(metrics, out_dir / f"{name}_metrics.json")
-    plot_roc_curve(metrics, out_dir / f"{name}_roc.png", title=f"ROC curve: {name}")
-    plot_score_distribution(metrics, out_dir / f"{name}_scores.png", title=f"Distance distribution: {name}")
+            written += _plot_evidence(basis.calibration, metrics, kinds, out_dir, name)
+    written += [save_metrics_json(metrics, out_dir / f"{name}_metrics.json"),
+                plot_roc_curve(metrics, out_dir / f"{name}_roc.png", title=f"ROC curve: {name}"),
+                plot_score_distribution(metrics, out_dir / f"{name}_scores.png", title=f"Distance distribution: {name}")]
     if metrics["writer_level"] is not None:
-        save_per_writer_csv(metrics["writer_level"], out_dir / f"{name}_per_writer.csv")
+        written.append(save_per_writer_csv(metrics["writer_level"], out_dir / f"{name}_per_writer.csv"))
         if metrics["writer_level"]["per_writer"]:
-            plot_writer_eers(metrics["writer_level"], out_dir / f"{name}_writer_eers.png",
-                             title=f"EER of each writer, genuine vs skilled: {name}")
+            written.append(plot_writer_eers(metrics["writer_level"], out_dir / f"{name}_writer_eers.png",
+                                            title=f"EER of each writer, genuine vs skilled: {name}"))
+    record_report(out_dir, name, written)
     return metrics
 
 
-def _plot_evidence(calibration: Calibration, metrics: Mapping[str, Any], kinds: Any, out_dir: Path, name: str) -> None:
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # a report's files are a few hundred kB at most
+
+
+def record_report(folder: str | Path, name: str, files: Iterable[str | Path]) -> Path:
+    """Write ``{name}_manifest.json`` in ``folder``: the name and SHA-256 of each of the report's ``files``; returns it.
+
+    Write it after the files: a manifest that verifies (``report_is_whole``) then means every one of them was
+    written whole, whatever the instant a kill came.
+    """
+    files = {Path(path).name: _sha256(Path(folder) / Path(path).name) for path in files}
+    return write_json(Path(folder) / f"{name}{MANIFEST_SUFFIX}", {"files": files})
+
+
+def report_is_whole(folder: str | Path, name: str) -> bool:
+    """True when the report ``name`` in ``folder`` has its manifest and each file it lists has its recorded SHA-256.
+
+    False for a report a kill cut short (no manifest yet), and for one with a file missing, truncated or changed
+    since, or a damaged manifest: it is to be written again.
+    """
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / f"{name}{MANIFEST_SUFFIX}").read_text())["files"]
+        return bool(files) and all(_sha256(folder / file) == digest for file, digest in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, unreadable, or not a manifest
+        return False
+
+
+def _plot_evidence(calibration: Calibration, metrics: Mapping[str, Any], kinds: Any, out_dir: Path,
+                   name: str) -> list[Path]:
     """``{name}_tippett.png`` and ``{name}_ece.png`` of a split's LRs (``calibration`` of ``metrics``' distances)."""
     lrs = calibration.likelihood_ratios(metrics["distances"])
     genuine = np.asarray(metrics["labels"]) == 1
     kind_values = np.asarray(kinds).astype(str) if kinds is not None else np.where(genuine, "genuine", "all")
     forgeries = [kind for kind in ("skilled", "random", "all") if (kind_values == kind).any()]
-    plot_tippett({kind: lrs[kind_values == kind] for kind in ("genuine", *forgeries)}, out_dir / f"{name}_tippett.png",
-                 title=f"Tippett plot: {name} (likelihood ratios of {calibration.method} calibration)")
-    plot_ece({kind: (lrs[genuine | (kind_values == kind)], genuine[genuine | (kind_values == kind)])
-              for kind in forgeries}, calibration.bounds, out_dir / f"{name}_ece.png",
-             title=f"Empirical cross-entropy: {name}")
+    return [plot_tippett({kind: lrs[kind_values == kind] for kind in ("genuine", *forgeries)},
+                         out_dir / f"{name}_tippett.png",
+                         title=f"Tippett plot: {name} (likelihood ratios of {calibration.method} calibration)"),
+            plot_ece({kind: (lrs[genuine | (kind_values == kind)], genuine[genuine | (kind_values == kind)])
+                      for kind in forgeries}, calibration.bounds, out_dir / f"{name}_ece.png",
+                     title=f"Empirical cross-entropy: {name}")]
 
 
 def _count(number: int, thing: str) -> str:
@@ -227,7 +263,8 @@ def starting_model_note(run: str | Path) -> str | None:
     """A warning for a run whose best model is its starting model (epoch 0), or whose backbone is fresh; None otherwise.
 
     ``run``: a run folder (its ``best.pt`` is read) or a checkpoint file. The
-    test EER before and after fine-tuning is quoted when the run folder holds it.
+    test EER before and after fine-tuning is quoted when the run folder holds those reports whole
+    (``report_is_whole``).
     """
     checkpoint_file = Path(run) / BEST_CHECKPOINT if Path(run).is_dir() else Path(run)
     checkpoint = read_checkpoint(checkpoint_file)
@@ -242,7 +279,7 @@ def starting_model_note(run: str | Path) -> str | None:
     if not notes:
         return None
     eers = {name: json.loads((folder / f"{name}_metrics.json").read_text())["eer"]
-            for name in ("test_before", "test") if (folder / f"{name}_metrics.json").is_file()}
+            for name in ("test_before", "test") if report_is_whole(folder, name)}
     quoted = ", ".join(f"{'before fine-tuning' if name == 'test_before' else 'after'} {100 * eer:.1f} %"
                        for name, eer in eers.items())
     return "; ".join(notes) + (f" (test EER {quoted})" if quoted else "")

@@ -5,7 +5,9 @@ A run folder holds::
     epoch_NNNN.pt   (+ .sha256)  the commit point of epoch N: what trains, optimizer, schedule, RNG, history, config
     best.pt         (+ .sha256)  a copy of the best epoch's checkpoint; rebuilt when missing, stale or damaged
     best_weights.pth (+ .sha256), history.json, history.png, {val,test}_{metrics.json,roc.png,scores.png}: the report
+      (with {val,test}_{per_writer.csv,writer_eers.png} when the file names give writers, and {val,test}_manifest.json)
     calibration.json, test_tippett.png, test_ece.png  the likelihood ratios fitted on the validation split; report too
+    test_before_*                the starting model on the test split, with test_before_manifest.json; kept on resume
     tensorboard/                 the training curves, one point an epoch (``module/evaluation/curves.py``)
     .lock                        the lock: one process writes the folder at a time (``module/run/lock.py``)
 
@@ -19,7 +21,9 @@ The rules that keep it consistent through a ``kill -9`` at any instant:
   (``find_resume_point``), skipping damaged ones with a warning; when files are there but none can be
   used, it stops and says so, rather than start over on top of them;
 - temporary files of interrupted writes and checksums without their file are removed when a run starts
-  (``clean_run_folder``); the report is rewritten whenever a run ends.
+  (``clean_run_folder``); the report is rewritten whenever a run ends;
+- a report kept from one run to the next (``test_before``) is kept only when its manifest, written after its
+  files, verifies (``module/evaluation/reports.report_is_whole``); otherwise it is written again.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from module.core.wording import format_metric, option
 from module.run.checkpoint import BEST_CHECKPOINT, epoch_checkpoint_path, read_checkpoint
 
 __all__ = [
-    "BEST_WEIGHTS", "CALIBRATION", "REPORT_FILES", "ResumePoint", "RunFolderError", "clean_run_folder",
+    "BEST_WEIGHTS", "CALIBRATION", "MANIFEST_SUFFIX", "REPORT_FILES", "ResumePoint", "RunFolderError", "clean_run_folder",
     "find_latest_checkpoint", "find_resume_point", "prune_checkpoints", "run_status", "set_aside_run", "start_over",
     "sync_best_checkpoint", "TENSORBOARD_DIR",
 ]
@@ -46,9 +50,14 @@ __all__ = [
 BEST_WEIGHTS = "best_weights.pth"
 # The map distance -> likelihood ratio fitted on the validation split (module/evaluation/calibration.py).
 CALIBRATION = "calibration.json"
+# NAME_manifest.json: the files of the report NAME with their SHA-256, written after them
+# (module/evaluation/reports.py); a report whose manifest does not verify is partial or damaged.
+MANIFEST_SUFFIX = "_manifest.json"
 # What report_run writes; derived from best.pt, so it goes with the checkpoints when a run is set aside.
 REPORT_FILES = (BEST_WEIGHTS, CALIBRATION, "history.json", "history.png", "test_tippett.png", "test_ece.png",
-                *(f"{split}_{kind}" for split in ("val", "test") for kind in ("metrics.json", "roc.png", "scores.png")))
+                *(f"{split}_{kind}" for split in ("val", "test")
+                  for kind in ("metrics.json", "roc.png", "scores.png", "per_writer.csv", "writer_eers.png")),
+                *(f"{split}{MANIFEST_SUFFIX}" for split in ("val", "test")))
 # The training curves' event files; they go with the checkpoints when a run is set aside.
 TENSORBOARD_DIR = "tensorboard"
 _EPOCH_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pt$")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import InputError
-from module.core.distributed import current_group
+from module.core.distributed import ProcessGroup, broadcast_from_main, current_group, end_this_worker_quietly
 
 try:
     import fcntl
@@ -96,7 +96,7 @@ def _claim_without_file_locks(folder: Path) -> Path:
 
 
 @contextmanager
-def lock_run_folder(folder: str | Path) -> Iterator[Path]:
+def lock_run_folder(folder: str | Path, group: ProcessGroup | None = None) -> Iterator[Path]:
     """Hold ``folder`` (created when missing) for this process: a second process gets ``RunFolderInUse`` at once.
 
     An OS file lock (``flock``) on ``folder/.lock``: the operating system
@@ -113,6 +113,10 @@ def lock_run_folder(folder: str | Path) -> Iterator[Path]:
     ``prepare_run``, ``fit`` and ``report_run`` take it again). Under
     torchrun rank 0 holds it for the job. Yields the folder.
 
+    ``group``: the job's processes (``join_process_group``), given when every one of them calls this at once
+    (``train_and_report`` does, first thing). Rank 0 then tells the others whether it took the lock; when it did
+    not, they end there and then, silently (``end_this_worker_quietly``), and the job's one message is rank 0's.
+
     Raises:
         RunFolderInUse: ``{folder} is in use by process {pid}``.
         NotADirectoryError: ``folder`` is a file.
@@ -121,17 +125,22 @@ def lock_run_folder(folder: str | Path) -> Iterator[Path]:
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder: give the run a folder (created when missing)")
     if not current_group().is_main:  # under torchrun rank 0 holds the lock and writes; the others only read
+        if group is not None and broadcast_from_main(False, group):  # rank 0's answer: refused
+            end_this_worker_quietly()
         yield folder
         return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
-    with _held_guard:
-        if key in _held:
-            _held[key][2] += 1
-        else:
-            _held[key] = [*_acquire(folder), 1]
     try:
+        _hold(folder, key)
+    except BaseException:
+        if group is not None:
+            broadcast_from_main(True, group)
+        raise
+    try:
+        if group is not None:
+            broadcast_from_main(False, group)
         yield folder
     finally:
         with _held_guard:
@@ -141,6 +150,15 @@ def lock_run_folder(folder: str | Path) -> Iterator[Path]:
                 _release(descriptor, claim)
                 if created:
                     _remove_if_only_the_lock(folder)
+
+
+def _hold(folder: Path, key: Path) -> None:
+    """Take ``folder``'s lock for this process, or count one more holding of it when this process has it."""
+    with _held_guard:
+        if key in _held:
+            _held[key][2] += 1
+        else:
+            _held[key] = [*_acquire(folder), 1]
 
 
 def _acquire(folder: Path) -> tuple[int | None, Path | None]:
