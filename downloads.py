@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from models.errors import InputError
+from module.core.progress import progress_bar
 from module.core.wording import option
 
 COLAB_DRIVE_MOUNT = Path("/content/drive")
@@ -121,14 +120,16 @@ def resolve_notebook_setup(
     val_ratio: float = 0.1,
     demo_settings: Mapping[str, Any] | None = None,
 ) -> NotebookSetup:
-    """Fill in the defaults of the notebook's folder parameters (mounting Drive in Colab).
+    """Fill in the defaults of the notebook's folder parameters (mounting Drive in Colab where they need it).
 
-    demo None means "the demo when no dataset is named". Empty ckpt_dir and
-    download_dir go to persistent_dir (Google Drive in Colab, so they survive
-    a disconnect); the demo's synthetic corpus goes to data/demo (it is
-    remade in seconds). demo_settings apply only in the demo: "val_ratio"
-    replaces val_ratio, the other keys are FinetuneConfig settings returned
-    by config_overrides().
+    demo None means "the demo when no dataset is named". For a real run, empty
+    ckpt_dir and download_dir go to persistent_dir (Google Drive in Colab, so
+    they survive a disconnect). The demo keeps them on the runtime's disk
+    (checkpoints/demo, data/downloads), so that a first try asks for no Drive
+    access; a folder given under /content/drive mounts Drive, in the demo too.
+    The demo's synthetic corpus goes to data/demo (it is remade in seconds).
+    demo_settings apply only in the demo: "val_ratio" replaces val_ratio, the
+    other keys are FinetuneConfig settings returned by config_overrides().
     """
     demo = not dataset if demo is None else bool(demo)
     if not demo and not dataset:
@@ -138,13 +139,20 @@ def resolve_notebook_setup(
         raise InputError(f"{option('data_root')} is empty. Fix: set it to the {dataset} dataset's root folder.")
     demo_settings = dict(demo_settings or {})
     run_name = "demo" if demo else dataset.lower()
+    if any(COLAB_DRIVE_MOUNT in Path(folder).absolute().parents for folder in (data_root, ckpt_dir, download_dir)
+           if folder):
+        mount_drive()
+
+    def default_dir(*parts: str, local_root: Path = Path(".")) -> Path:
+        return local_root.joinpath(*parts) if demo else persistent_dir(*parts, local_root=local_root)
+
     return NotebookSetup(
         demo=demo,
         dataset="cedar" if demo else dataset.lower(),
         # Absolute, because the paths are saved in checkpoints and pair-file records and read back from elsewhere.
         data_root=(Path(data_root) if data_root else Path("data") / "demo").absolute(),
-        ckpt_dir=(Path(ckpt_dir) if ckpt_dir else persistent_dir("checkpoints", run_name)).absolute(),
-        download_dir=(Path(download_dir) if download_dir else persistent_dir("downloads", local_root=Path("data"))).absolute(),
+        ckpt_dir=(Path(ckpt_dir) if ckpt_dir else default_dir("checkpoints", run_name)).absolute(),
+        download_dir=(Path(download_dir) if download_dir else default_dir("downloads", local_root=Path("data"))).absolute(),
         val_ratio=demo_settings.get("val_ratio", val_ratio) if demo else val_ratio,
         demo_settings=demo_settings,
     )
@@ -353,7 +361,7 @@ def extract_archive(archive: Path | str, target_dir: Path | str, quiet: bool = F
             members = zipped.infolist()
             for member in members:
                 _check_member_path(archive, member.filename, target_dir)
-            for member in tqdm(members, desc=f"Extracting {archive.name}", unit="file", disable=quiet):
+            for member in progress_bar(members, desc=f"Extracting {archive.name}", unit="file", disable=quiet):
                 with _naming_target(archive, target_dir):
                     extracted = zipped.extract(member, target_dir)
                     # zipfile stamps files with the time of extraction; the archive's own time (as tar keeps it) lets
@@ -365,7 +373,7 @@ def extract_archive(archive: Path | str, target_dir: Path | str, quiet: bool = F
             members = _checked_tar_members(archive, tar, target_dir)
             # The "data" filter (Python >= 3.11.4) repeats these checks inside tarfile itself.
             safety = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            for member in tqdm(members, desc=f"Extracting {archive.name}", unit="file", disable=quiet):
+            for member in progress_bar(members, desc=f"Extracting {archive.name}", unit="file", disable=quiet):
                 with _naming_target(archive, target_dir):
                     tar.extract(member, target_dir, **safety)
     else:

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(layout.name, aliases=list(layout.aliases), allow_abbrev=False,
                            help=f"pair files for a {layout.title} root ({layout.naming})")
         p.add_argument("root")
-        add_pair_options(p, [layout.name], val_ratio=0.1 if layout.name == "gpds" else 0.0)
+        add_pair_options(p, [layout.name])
         p.add_argument("--out-dir", default=None, help="where to write (default: the root, with a record pair_files.json)")
 
     p = sub.add_parser("sample", allow_abbrev=False, help="draw COUNT pairs of a pair file, keeping the class ratio")

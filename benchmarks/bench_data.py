@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from skimage.feature import hog
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from module.core.progress import progress_bar
 from module.data.preprocess import normalize_image
 from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
@@ -51,7 +51,7 @@ def learnability(root: Path, writers: list[int], n_genuine: int, n_forged: int) 
 
     distances = {"pixel L2": [], "HOG L2": []}
     labels = []
-    for w in tqdm(writers, desc="learnability", unit="writer"):
+    for w in progress_bar(writers, desc="learnability", unit="writer"):
         genuine = [features(f"full_org/original_{w}_{n}.png") for n in range(1, n_genuine + 1)]
         forged = [features(f"full_forg/forgeries_{w}_{n}.png") for n in range(1, n_forged + 1)]
         pairs = [(a, b, 1) for a, b in itertools.combinations(genuine, 2)] + [(g, f, 0) for g in genuine for f in forged]
@@ -101,7 +101,7 @@ def preprocessing_time(root: Path, cache_dir: Path, n_images: int) -> dict[str, 
 
     def per_image(ds: SigDataset_CEDAR_Colab, desc: str) -> float:
         start = time.perf_counter()
-        for path in tqdm(paths, desc=desc, unit="image", leave=False):
+        for path in progress_bar(paths, desc=desc, unit="image", leave=False):
             ds.load_image(path)
         return (time.perf_counter() - start) / len(paths)
 

@@ -10,6 +10,7 @@ once.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -102,6 +103,46 @@ def test_parameters_cell_first_then_the_ten_parts() -> None:
     assert [cell.source.splitlines()[0].split(" - ")[0] for cell in cells[1:]] == [f"# PART {n}" for n in range(1, 11)]
     markdown = [cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "markdown"]
     assert [f"## PART {n}: {title}" for n, title in enumerate(PART_TITLES, start=1)] == markdown[1:]
+
+
+def test_the_repository_url_is_the_readmes_and_the_badge_opens_this_notebook() -> None:
+    spec = importlib.util.spec_from_file_location("make_notebook", ROOT / "tools" / "make_notebook.py")
+    make_notebook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_notebook)
+    url = make_notebook.repository_url()
+    names: dict = {}
+    exec(code_cells(nbformat.read(NOTEBOOK, as_version=4))[0].source, names)
+    assert names["REPO_URL"] == url and names["PROJECT_DIR"] == ""
+    owner_and_name = url.removeprefix("https://github.com/")
+    readme = make_notebook.README.read_text()
+    assert f"(https://colab.research.google.com/github/{owner_and_name}/blob/main/training.ipynb)" in readme
+    assert f"git clone {url} " in readme  # the first step clones what the notebook clones
+
+
+def test_the_demo_asks_for_no_drive_and_a_real_run_keeps_its_checkpoints_on_drive(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import downloads
+
+    mounted: list[bool] = []
+    my_drive = tmp_path / "drive" / "MyDrive"
+
+    def mount_drive() -> Path:
+        mounted.append(True)
+        return my_drive
+
+    monkeypatch.setattr(downloads, "in_colab", lambda: True)
+    monkeypatch.setattr(downloads, "mount_drive", mount_drive)
+    demo = downloads.resolve_notebook_setup("", "", "", None, "", 0.1, {"val_ratio": 0.2})
+    assert not mounted and demo.ckpt_dir == Path.cwd() / "checkpoints/demo"
+    assert demo.download_dir == Path.cwd() / "data/downloads"
+
+    kept = downloads.resolve_notebook_setup("", "", "/content/drive/MyDrive/demo", None)  # a demo kept on Drive
+    assert mounted and kept.ckpt_dir == Path("/content/drive/MyDrive/demo")
+
+    mounted.clear()
+    real = downloads.resolve_notebook_setup("cedar", "data/CEDAR", "", None)
+    assert mounted and real.ckpt_dir == my_drive / "detailsemnet/checkpoints/cedar"
+    assert real.download_dir == my_drive / "detailsemnet/downloads"
 
 
 def test_the_command_line_trains_through_the_notebooks_pipeline_function(tmp_path: Path, monkeypatch) -> None:

@@ -323,7 +323,11 @@ def test_cli_round_trip(tmp_path, capsys):
     assert pdm.main(["synthetic", str(root), "--writers", "3", "--genuine", "3", "--forged", "2", "--image-size", "48"]) == 0
     assert pdm.main(["cedar", str(root), "--train-ratio", "0.67", "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert "15 scans of 3 writers" in out and "gray_train.txt: 18 pairs (6 genuine, 12 forgery), 2 writer(s)" in out
+    # --val-ratio 0.1 by default, as finetune.py prepare: one writer each for training, validation and testing.
+    assert "15 scans of 3 writers" in out and all(f"{name}: 9 pairs (3 genuine, 6 forgery), 1 writer(s)" in out
+                                                  for name in ("gray_train.txt", "gray_val.txt", "gray_test.txt"))
+    assert pdm.main(["cedar", str(root), "--train-ratio", "0.67", "--seed", "1", "--val-ratio", "0"]) == 0
+    assert "gray_train.txt: 18 pairs (6 genuine, 12 forgery), 2 writer(s)" in capsys.readouterr().out
     assert pdm.main(["validate", str(root), "gray_train.txt", "gray_test.txt"]) == 0
     assert pdm.main(["sample", str(root / "gray_train.txt"), str(root / "s.txt"), "9"]) == 0
     (root / "gray_test.txt").write_text("broken\n")
@@ -472,7 +476,7 @@ def test_errors_name_the_flags_of_the_command_line_in_use(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"resplit is not an option of bhsig \(its options: language, test_writers\)"):
         ensure_pair_files("bhsig", tmp_path, resplit=True)
     # What makes a missing validation file repeats the options the other files were made with.
-    assert pdm.main(["bhsig", str(tmp_path), "--test-writers", "1,3"]) == 0
+    assert pdm.main(["bhsig", str(tmp_path), "--test-writers", "1,3", "--val-ratio", "0"]) == 0
     assert pdm.pair_file_fix("bhsig", tmp_path, ["val"]) == (
         f"prepare_datasets.ensure_pair_files('bhsig', {str(tmp_path)!r}, val_ratio=0.1, "
         "test_writers=[1, 3])")

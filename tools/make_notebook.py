@@ -8,21 +8,41 @@ committed notebook differs from what this script writes.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import nbformat
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "training.ipynb"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "training.ipynb"
+README = ROOT / "README.md"
+# The project's git URL is written once, at the top of the README; the notebook's REPO_URL default is copied from it.
+REPOSITORY_LINE = re.compile(r"^Repository: (\S+)$", re.MULTILINE)
+
+
+def repository_url(readme: Path = README) -> str:
+    """The URL on the README's ``Repository:`` line."""
+    found = REPOSITORY_LINE.search(readme.read_text())
+    if found is None:
+        raise SystemExit(f"{readme} has no 'Repository: URL' line: the notebook's REPO_URL is taken from it")
+    return found.group(1)
+
 
 INTRO = """\
 # Fine-tuning DetailSemNet for offline signature verification
 
 Head-only fine-tuning of DetailSemNet (ECCV 2024): the backbone stays frozen, `head_str` learns.
-With `DATASET = ""` the notebook runs a **demo** on a synthetic corpus (a few minutes on a CPU).
 
-**Colab quick start:** Runtime > Change runtime type > GPU; set `REPO_URL`, `DATASET`, `DATA_ROOT`,
-`GDRIVE_IDS` and `PRETRAINED` in the parameters cell; Runtime > Run all. Checkpoints go to Google Drive.
+**The demo first:** Runtime > Run all, nothing to set. With `DATASET = ""` the notebook clones the project,
+makes a synthetic signature corpus and fine-tunes on it; its files stay on this runtime's disk, so it asks
+for no Google Drive access (the README's "Demo time" gives the time measured on 2 CPU cores).
+
+**Your own data:** Runtime > Change runtime type > GPU; in the parameters cell set `DATASET`, `DATA_ROOT`
+(the folder of the layout, e.g. the one holding `full_org/` for CEDAR), `GDRIVE_IDS` (your archive on Drive)
+and, if you have them, `PRETRAINED` weights; Runtime > Run all. Checkpoints go to Google Drive, which asks
+for access once. The README's "Datasets" section says where each dataset comes from and which folder to
+give.
 
 **After a disconnect or a runtime restart:** Runtime > Run all. Downloads, extracted archives and pair
 files are kept, and training continues from the last finished epoch on Google Drive. Stopping PART 7
@@ -31,13 +51,16 @@ and running it again also continues from the last finished epoch."""
 PARAMETERS = """\
 # Parameters (papermill can set any of them). DATASET = "" runs the demo on a synthetic corpus.
 DATASET: str = ""               # cedar, gpds or bhsig (empty: the demo)
-DATA_ROOT: str = ""             # the dataset's root, e.g. "data/CEDAR" (the folder holding full_org/ and full_forg/)
+DATA_ROOT: str = ""             # the folder of the layout: CEDAR's holds full_org/ and full_forg/, a BHSig language folder
+                                # one folder a writer, GPDS's train/ and test/; an archive unpacks into EXTRACT_DIR, so
+                                # e.g. "data/CEDAR" for a CEDAR.zip holding CEDAR/full_org/ (PART 1 lists what it holds)
 PRETRAINED: str = ""            # DetailSemNet weights: a .pth path, a Google Drive file id or link (empty: a fresh backbone)
 GDRIVE_IDS: dict = {}           # downloaded first: {"CEDAR.zip": "<Drive file id>"} or {"CEDAR.zip": {"id": "...", "md5": "..."}}
 EXTRACT_DIR: str = "data"       # archives from GDRIVE_IDS are extracted here (local disk: fast to read)
 PREPARE_OPTIONS: dict = {}      # the layout's pair-file options: gpds {"resplit": True, "test_ratio": 0.2,
                                 # "max_train_pairs": 200000}, bhsig {"test_writers": [1, 2]}, cedar {"train_ratio": 0.8}
-CKPT_DIR: str = ""              # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect)
+CKPT_DIR: str = ""              # checkpoints, metrics and plots; "": Google Drive in Colab (survives a disconnect), but
+                                # checkpoints/demo on this runtime's disk for the demo (no Drive access asked)
 RESUME: bool = True             # False: start over (CKPT_DIR's earlier checkpoints move to previous-<date>/); then set it back
 EPOCHS: int = 10
 BATCH_SIZE: int = 32
@@ -46,9 +69,12 @@ WARMUP_EPOCHS: int = 1
 PATIENCE: int = 5               # stop after this many epochs without a better validation EER
 FAST_HEAD_ONLY: bool = True     # True: each image through the backbone once, then only head_str trains (fast, no augmentation)
                                 # False: every pair through the backbone every epoch, with augmentation (slow)
-UNFREEZE_BLOCKS: int = 0        # also train the backbone's last N blocks (needs FAST_HEAD_ONLY = False)
+FINETUNE: str = "head"          # what trains: "head" (head_str), "last:3" (also stage 4's 3 blocks: on stored features
+                                # with FAST_HEAD_ONLY), "all" (every parameter; FAST_HEAD_ONLY = False). README: No checkpoint?
+UNFREEZE_BLOCKS: int = 0        # N: the same as FINETUNE = "last:N" (for notebooks written before FINETUNE)
+INIT_FROM: str = ""             # start from another checkpoint's matching tensors (an ImageNet backbone), the rest fresh
 IMAGE_SIZE: int = 224           # model input side, a multiple of 32
-AMP: bool = True                # autocast for the backbone on a GPU (ignored on a CPU); the EMD stays float64
+AMP: bool = True                # autocast for the backbone on a GPU (ignored on a CPU); the EMD runs outside it
 AMP_DTYPE: str = "float16"      # float16 (with a gradient scaler; every GPU) or bfloat16 (no scaler; A100, L4, H100)
 NUM_WORKERS: int = 2            # image-loading processes
 MAX_TRAIN_PAIRS_PER_EPOCH: int = 0  # each epoch a fresh sample of at most this many training pairs (0: all; GPDS: e.g. 200000)
@@ -64,20 +90,24 @@ DEMO: bool | None = None        # None: the demo when DATASET is ""
 # The demo's synthetic corpus, and the settings that replace those above in the demo (sized for a CPU):
 DEMO_CORPUS: dict = {"n_writers": 12, "n_genuine": 12, "n_forged": 12, "image_size": 256}
 DEMO_SETTINGS: dict = {"image_size": 128, "epochs": 8, "lr": 4e-3, "val_ratio": 0.2}
-DOWNLOAD_DIR: str = ""          # "": Google Drive in Colab, else data/downloads
-PROJECT_DIR: str = "."          # this project's folder; in Colab e.g. "/content/detailsemnet" (cloned from REPO_URL if missing)
-REPO_URL: str = ""              # git URL of this project, for Colab"""
+DOWNLOAD_DIR: str = ""          # "": Google Drive in Colab (the demo: data/downloads), else data/downloads
+PROJECT_DIR: str = ""           # this project's folder; "": this folder when it holds the project, else detailsemnet/
+REPO_URL: str = "{repository_url}"  # cloned into PROJECT_DIR when it does not hold the project (Colab)"""
 
 PARTS = [
     ("Setup and downloads", """\
 # PART 1 - Setup and downloads. Safe to rerun: whatever is already there is skipped.
 import os
-if not os.path.isfile(os.path.join(PROJECT_DIR, "downloads.py")):  # Colab opened this notebook on its own
-    if not REPO_URL:
-        raise FileNotFoundError(f"{os.path.abspath(PROJECT_DIR)} does not hold this project. "
-                                "Fix: set REPO_URL to its git URL and PROJECT_DIR to e.g. /content/detailsemnet.")
-    !git clone -q --depth 1 {REPO_URL} {PROJECT_DIR}
-os.chdir(PROJECT_DIR)
+project_dir = PROJECT_DIR or ("." if os.path.isfile("downloads.py") else "detailsemnet")
+if not os.path.isfile(os.path.join(project_dir, "downloads.py")):  # Colab opened this notebook on its own
+    !git clone -q --depth 1 {REPO_URL} {project_dir}
+    if not os.path.isfile(os.path.join(project_dir, "downloads.py")):
+        raise FileNotFoundError(f"{os.path.abspath(project_dir)} does not hold this project and cloning {REPO_URL} "
+                                "failed. Fix: set REPO_URL to the project's git URL (the Repository line at the top "
+                                "of its README), or PROJECT_DIR to a folder that holds the project.")
+os.chdir(project_dir)
+from module.core.threads import passive_threads
+passive_threads()  # idle PyTorch threads sleep instead of spinning (before torch loads; module/core/threads.py)
 from module.core.wording import use_interface
 use_interface("notebook")  # messages name this notebook's parameters (RESUME = False, CKPT_DIR)
 import downloads
@@ -91,6 +121,8 @@ pretrained_path = downloads.resolve_pretrained(PRETRAINED, setup.download_dir)
 if setup.demo:
     corpus = prepare_datasets.ensure_synthetic_dataset(setup.data_root, layout="cedar", seed=SEED, **DEMO_CORPUS)
     print(f"demo corpus: {corpus['counts']['files']} scans in {setup.data_root} ({'reused' if corpus['reused'] else 'new'})")
+elif os.path.isdir(EXTRACT_DIR):  # where the archives went: DATA_ROOT is one of these folders, or one below
+    print(f"{EXTRACT_DIR}/ holds: {', '.join(sorted(os.listdir(EXTRACT_DIR))) or 'nothing'}")
 print(setup)"""),
     ("Pair files", """\
 # PART 2 - Pair files: written once, then reused while they stay valid.
@@ -176,9 +208,10 @@ print(f"In {result.run.ckpt_dir}: best_weights.pth (model_v3.load_pretrained rea
 
 
 def build_notebook() -> nbformat.NotebookNode:
+    parameters = PARAMETERS.replace("{repository_url}", repository_url())
     cells = [
         nbformat.v4.new_markdown_cell(INTRO, id="intro"),
-        nbformat.v4.new_code_cell(PARAMETERS, id="parameters", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(parameters, id="parameters", metadata={"tags": ["parameters"]}),
     ]
     for number, (title, source) in enumerate(PARTS, start=1):
         cells.append(nbformat.v4.new_markdown_cell(f"## PART {number}: {title}", id=f"part-{number}-title"))

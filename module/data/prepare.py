@@ -33,9 +33,12 @@ from module.data.datasets import DATASETS, dataset_layout, signature_of
 from module.data.pair_files import PAIR_FILES, PAIR_MANIFEST, Pair, read_pair_file, write_pair_file
 from module.data.validation import validate_pair_file
 
-__all__ = ["add_pair_options", "add_random_forgeries", "ensure_pair_files", "ensure_test_pair_file", "pair_file_fix",
-           "finish_interrupted_prepare", "generate", "generator_arguments", "pair_options_of", "random_forgery_pairs",
-           "record_pair_files", "write_pair_file_set"]
+__all__ = ["COMMAND_LINE_VAL_RATIO", "add_pair_options", "add_random_forgeries", "ensure_pair_files",
+           "ensure_test_pair_file", "pair_file_fix", "finish_interrupted_prepare", "generate", "generator_arguments",
+           "pair_options_of", "random_forgery_pairs", "record_pair_files", "write_pair_file_set"]
+
+# The command lines' validation share: training picks its best epoch, and verify its threshold, on that split.
+COMMAND_LINE_VAL_RATIO = 0.1
 
 
 def generator_arguments(name: str, val_ratio: float, random_state: int, options: dict[str, Any],
@@ -304,10 +307,10 @@ def add_random_forgeries(pair_file: str | os.PathLike, per_writer: int, random_s
     return len(drawn)
 
 
-def add_pair_options(parser: argparse.ArgumentParser, datasets: Sequence[str], val_ratio: float) -> None:
+def add_pair_options(parser: argparse.ArgumentParser, datasets: Sequence[str]) -> None:
     """The pair-file options of ``datasets`` (each layout's ``options``), --val-ratio, --seed and
-    --random-forgeries: one definition for both command lines."""
-    parser.add_argument("--val-ratio", type=float, default=val_ratio,
+    --random-forgeries: one definition, with one default each, for both command lines."""
+    parser.add_argument("--val-ratio", type=float, default=COMMAND_LINE_VAL_RATIO,
                         help="share of writers for gray_val.txt, which picks the best epoch (default %(default)s)")
     parser.add_argument("--seed", dest="random_state", metavar="SEED", type=int, default=42,
                         help="the split's seed (default %(default)s)")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
+from module.core.progress import progress_bar
 from module.data.datasets import writer_of
 from module.data.pair_files import PairIndex, existing_files, read_pair_index, resolve_pair_file
 
@@ -114,7 +114,7 @@ def undecodable_images(root: Path, relative_paths: Sequence[str]) -> list[tuple[
     """(path, reason) for each existing image that does not decode whole (a file cut short, a web page, a Git LFS
     pointer); about 2 ms a CEDAR-size PNG."""
     problems = []
-    for relative in tqdm(relative_paths, desc="decoding images", unit="image", leave=False,
+    for relative in progress_bar(relative_paths, desc="decoding images", unit="image", leave=False,
                          disable=len(relative_paths) < 2000):
         try:
             with open(root / relative, "rb") as file:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 MAX_WRITER_TICKS = 60
 
 __all__ = ["plot_training_history", "plot_roc_curve", "plot_score_distribution", "plot_writer_eers",
-           "plot_explanation"]
+           "plot_explanation", "score_distribution_figure", "writer_eers_figure"]
 
 
 def _new_figure(width: float, height: float, columns: int = 1) -> tuple[Any, list[Any]]:
@@ -108,41 +108,50 @@ def plot_roc_curve(metrics: Mapping[str, Any], path: str | Path, title: str = "R
     return _save(figure, path)
 
 
-def plot_score_distribution(metrics: Mapping[str, Any], path: str | Path, title: str = "Distance distribution") -> Path:
-    """Histograms of genuine and forged pair distances with the EER threshold, as a PNG; returns the path.
-
-    ``metrics`` is ``validate``'s output (it holds ``distances``, ``labels`` and ``threshold``).
-    """
+def score_distribution_figure(metrics: Mapping[str, Any], title: str = "Distance distribution") -> Any:
+    """The figure of ``plot_score_distribution``, not yet saved."""
     missing = [key for key in ("distances", "labels", "threshold", "eer") if key not in metrics]
     if missing:
         raise ValueError(f"metrics lack {missing}: pass the dict returned by validate")
     distances = np.asarray(metrics["distances"], dtype=np.float64).ravel()
     genuine = np.asarray(metrics["labels"]).ravel() == 1
     bins = np.histogram_bin_edges(distances, bins=min(60, max(10, distances.size // 20)))
-    figure, (axes,) = _new_figure(8, 4.5)
+    figure, (axes,) = _new_figure(10, 4.5)
     axes.hist(distances[genuine], bins=bins, density=True, alpha=0.6, color="tab:green",
               label=f"genuine pairs ({int(genuine.sum())})")
     axes.hist(distances[~genuine], bins=bins, density=True, alpha=0.6, color="tab:red",
               label=f"forged pairs ({int((~genuine).sum())})")
     axes.axvline(metrics["threshold"], color="black", linestyle="--",
-                 label=f"EER threshold {metrics['threshold']:.4g} (EER {100 * metrics['eer']:.2f}%)")
-    axes.set(title=title, xlabel="distance (smaller = more likely genuine)", ylabel="density")
+                 label=f"this split's EER threshold {metrics['threshold']:.4g}\n(EER {100 * metrics['eer']:.2f}%)")
+    point = metrics.get("operating_point")
+    if point is not None:
+        axes.axvline(point["threshold"], color="tab:blue", linewidth=2,
+                     label=f"verify's threshold {point['threshold']:.4g}, the validation split's EER\n"
+                           f"threshold (here FRR {100 * point['frr']:.1f}%, FAR {100 * point['far']:.1f}%)")
+    axes.set(title=title, xlabel="distance (smaller = more likely genuine; accepted at or below a threshold)",
+             ylabel="density")
     axes.grid(alpha=0.3)
-    axes.legend()
-    return _save(figure, path)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # beside the bars, never on them
+    return figure
 
 
+def plot_score_distribution(metrics: Mapping[str, Any], path: str | Path, title: str = "Distance distribution") -> Path:
+    """Histograms of genuine and forged pair distances with the split's EER threshold, as a PNG; returns the path.
 
-def plot_writer_eers(writer_metrics: Mapping[str, Any], path: str | Path, title: str = "EER of each writer") -> Path:
-    """One bar a writer: its EER at its own threshold, against the global EER; returns the path.
-
-    ``writer_metrics`` is ``compute_writer_metrics``' output.
+    ``metrics`` is ``validate``'s output (it holds ``distances``, ``labels`` and ``threshold``). With the
+    ``operating_point`` of ``evaluate_and_report`` (a split other than the validation split), the threshold
+    ``verify`` decides at is drawn too, with the error rates there.
     """
+    return _save(score_distribution_figure(metrics, title), path)
+
+
+def writer_eers_figure(writer_metrics: Mapping[str, Any], title: str = "EER of each writer") -> Any:
+    """The figure of ``plot_writer_eers``, not yet saved."""
     records = writer_metrics["per_writer"]
     if not records:
         raise ValueError("no writer has both genuine and skilled pairs: there are no per-writer EERs to plot")
     records = sorted(records, key=lambda record: record["eer"])
-    figure, (axes,) = _new_figure(min(16.0, max(6.0, 0.25 * len(records) + 2)), 4.5)
+    figure, (axes,) = _new_figure(min(16.0, max(6.0, 0.25 * len(records) + 2)), 5)
     positions = np.arange(len(records))
     axes.bar(positions, [100 * record["eer"] for record in records], color="tab:blue",
              label=f"each writer's own threshold (pooled {100 * writer_metrics['eer_user_thresholds']:.2f}%)")
@@ -151,11 +160,22 @@ def plot_writer_eers(writer_metrics: Mapping[str, Any], path: str | Path, title:
     if len(records) <= MAX_WRITER_TICKS:
         axes.set_xticks(positions, [str(record["writer"]) for record in records],
                         rotation=90 if len(records) > 20 else 0, fontsize=8 if len(records) > 20 else 10)
-    axes.set(title=title, xlabel="writer" if len(records) <= MAX_WRITER_TICKS else f"{len(records)} writers, by EER",
+    axes.set(xlabel="writer" if len(records) <= MAX_WRITER_TICKS else f"{len(records)} writers, by EER",
              ylabel="EER, genuine vs skilled (%)")
     axes.grid(alpha=0.3, axis="y")
-    axes.legend()
-    return _save(figure, path)
+    # Above the axes, under the figure's title: a legend inside would cover the tallest bars or the global line.
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.01), ncols=2 if len(records) > 12 else 1,
+                borderaxespad=0, frameon=False)
+    figure.suptitle(title)
+    return figure
+
+
+def plot_writer_eers(writer_metrics: Mapping[str, Any], path: str | Path, title: str = "EER of each writer") -> Path:
+    """One bar a writer: its EER at its own threshold, against the global EER; returns the path.
+
+    ``writer_metrics`` is ``compute_writer_metrics``' output.
+    """
+    return _save(writer_eers_figure(writer_metrics, title), path)
 
 
 def _gray_image(image: Any) -> np.ndarray:
