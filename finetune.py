@@ -2,6 +2,7 @@
 
     python finetune.py demo                                  # synthetic corpus -> fine-tuned model, in runs/demo
     python finetune.py prepare cedar DATA_ROOT               # pair files gray_{train,val,test}.txt
+    python finetune.py pretrain --out runs/pretrain          # no checkpoint? synthetic writers -> pretrained.pth
     python finetune.py train cedar DATA_ROOT --out runs/cedar --pretrained weights.pth
     python finetune.py evaluate --run runs/cedar             # best model on the test split
     python finetune.py verify REF.png [REF2.png ...] QUERY.png --run runs/cedar
@@ -27,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from module.core.threads import passive_threads
+
 if TYPE_CHECKING:  # imported lazily below, so that --help and bad paths answer without loading torch
     from module.run.config import FinetuneConfig
 
@@ -35,6 +38,9 @@ POSITIONAL_SETTINGS = ("dataset", "data_root")
 OUT_SETTING = "ckpt_dir"  # --out
 # The demo's defaults: sized for a CPU, the same as the notebook's DEMO_SETTINGS.
 DEMO_DEFAULTS = {"image_size": 128, "epochs": 8, "lr": 4e-3}
+# Pre-training's defaults: the whole model at CPU size (its mode, finetune all, is fixed by the command).
+PRETRAIN_DEFAULTS = {"image_size": 96, "epochs": 10, "lr": 4e-4, "lr_blocks": 1e-4, "warmup_epochs": 1,
+                     "max_train_pairs_per_epoch": 2000}
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = (), defaults: dict | None = None) -> None:
@@ -114,14 +120,33 @@ def _require_run_folder(out: Path) -> None:
             out.rmdir()
 
 
+def _machine(load_at_start: float | None) -> dict[str, Any]:
+    """What a timing was measured on: cores, torch threads, the device, the load average, versions."""
+    import os
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    load_at_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "load_average_at_start": load_at_start, "load_average_at_end": load_at_end,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Synthetic corpus, pair files, fine-tuning on the fast path, evaluation before and after."""
+    """Synthetic corpus, pair files, fine-tuning on the fast path, evaluation before and after; the figures it prints
+    are written to demo_summary.json too, with the machine they were measured on."""
+    import os
+
+    from module.core.io import write_json
     from module.data.prepare import ensure_pair_files
     from module.evaluation.reports import evidence_summary
     from synthetic_signatures import ensure_synthetic_dataset
     from training_utils import train_and_report
 
-    start = time.perf_counter()
+    start, cpu_at_start = time.perf_counter(), time.process_time()
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # 1-minute load: other jobs' share
     out = Path(args.out).absolute()
     _require_run_folder(out)
     data_root = out / "data"
@@ -134,18 +159,38 @@ def cmd_demo(args: argparse.Namespace) -> None:
     after = train_and_report(config, resume=not args.no_resume).metrics["test"]
     before = json.loads((out / "test_before_metrics.json").read_text())  # the starting model, written by train_and_report
 
+    seconds = round(time.perf_counter() - start, 1)  # rounded once: the line printed and the file say the same
+    write_json(out / "demo_summary.json", {
+        "seconds": seconds, "cpu_seconds": round(time.process_time() - cpu_at_start, 1),
+        "pretrained": config.pretrained or None, "seed": config.seed,
+        "test_eer_before": before["eer"], "test_eer_after": after["eer"], "test_auc_before": before["auc"],
+        "test_auc_after": after["auc"], "machine": _machine(load_at_start)})
     backbone = f"pretrained weights {config.pretrained}" if config.pretrained else "a fresh (untrained) backbone"
-    print(f"\nDemo finished in {time.perf_counter() - start:.0f} s on {backbone}.")
+    print(f"\nDemo finished in {seconds:.0f} s on {backbone}.")
     print(f"Test EER before fine-tuning {100 * before['eer']:.2f} %, after {100 * after['eer']:.2f} % "
           f"(AUC {before['auc']:.3f} -> {after['auc']:.3f}; at the test split's own EER threshold, as papers report).")
     print("\n".join(evidence_summary(after)))
     if not config.pretrained:
         print("A fresh backbone's features say little about a writer, so the head has little to learn from and the "
               "change varies with --seed; with --pretrained weights fine-tuning has real structure to work with.")
-    print(f"Metrics JSON and plots: {out}  (test_metrics.json, history.png, test_roc.png, test_scores.png, "
-          "test_tippett.png, calibration.json)")
+    print(f"Metrics JSON and plots: {out}  (demo_summary.json, test_metrics.json, history.png, test_roc.png, "
+          "test_scores.png, test_tippett.png, calibration.json)")
     print(f"Try: python finetune.py verify {data_root}/full_org/original_1_1.png "
           f"{data_root}/full_forg/forgeries_1_1.png --run {out}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Train the whole model on a synthetic corpus of many writers, for users with no checkpoint: the corpus is
+    written in parts under --out, the run resumes like train, and OUT/pretrained.pth is the --pretrained file
+    for train (README: No checkpoint?)."""
+    from training_utils import pretrain
+
+    out = Path(args.out).absolute()
+    _require_run_folder(out)
+    config = config_from_args(args, ckpt_dir=str(out), dataset="cedar", data_root="", pretrained="", finetune="all",
+                              unfreeze_blocks=0, fast_head_only=False)
+    pretrain(config, writers=args.writers, part_writers=args.part_writers, samples=args.samples, canvas=args.canvas,
+             resume=not args.no_resume)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -355,11 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(demo, skip=(*POSITIONAL_SETTINGS, OUT_SETTING), defaults=DEMO_DEFAULTS)
     demo.set_defaults(handler=cmd_demo)
 
+    pretrain = commands.add_parser("pretrain", allow_abbrev=False, help="train the whole model on synthetic "
+                                   "writers: a --pretrained file for users with no checkpoint",
+                                   description=cmd_pretrain.__doc__)
+    pretrain.add_argument("--out", default="runs/pretrain", help="folder of the corpus, the run and pretrained.pth "
+                          "(default %(default)s)")
+    pretrain.add_argument("--writers", type=int, default=200, help="synthetic writers (default %(default)s)")
+    pretrain.add_argument("--part-writers", type=int, default=50, help="writers a corpus part (default %(default)s)")
+    pretrain.add_argument("--samples", type=int, default=12, help="genuine signatures and forgeries a writer "
+                          "(default %(default)s)")
+    pretrain.add_argument("--canvas", type=int, default=256, help="longest side of the synthetic scans, pixels "
+                          "(default %(default)s)")
+    pretrain.add_argument("--no-resume", action="store_true", help="start over: earlier checkpoints are moved aside")
+    add_config_options(pretrain, skip=(*POSITIONAL_SETTINGS, OUT_SETTING, "finetune", "unfreeze_blocks",
+                                       "fast_head_only", "pretrained"), defaults=PRETRAIN_DEFAULTS)
+    pretrain.set_defaults(handler=cmd_pretrain)
+
     prepare = commands.add_parser("prepare", allow_abbrev=False, help="write the train/val/test pair files of a dataset",
                                   description=cmd_prepare.__doc__)
     prepare.add_argument("dataset", choices=datasets)
     prepare.add_argument("data_root", help="the dataset's root (CEDAR: the folder holding full_org/ and full_forg/)")
-    add_pair_options(prepare, list(DATASETS), val_ratio=0.1)
+    add_pair_options(prepare, list(DATASETS))
     prepare.set_defaults(handler=cmd_prepare)
 
     train = commands.add_parser("train", allow_abbrev=False, help="fine-tune head_str; resumes from --out",
@@ -436,6 +497,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    passive_threads()  # before torch loads (module/core/threads.py); OMP_WAIT_POLICY in the environment wins
     # The helpers' warnings (a skipped corrupt checkpoint, rewritten pair files) read best as one plain line.
     warnings.formatwarning = lambda message, category, *location: f"warning: {message}\n"
     from models.errors import InputError

@@ -18,17 +18,19 @@ reference token each query token was matched to, and what that cost.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from timm.models import adapt_input_conv
 from torch import nn
 
 from models.dsnet.dsnet import DSNet
-from models.emd import pairwise_cost, sinkhorn_emd, sinkhorn_plan
+from models.emd import pack_valid, pairwise_cost, sinkhorn_emd, sinkhorn_plan, unit_rows
 from models.errors import InputError
 from models.fine_tune_utils import FrozenModulesStayInEval
 from models.loss import ContrastiveLoss
@@ -40,6 +42,8 @@ __all__ = [
     "Explanation",
     "CheckpointMismatchError",
     "load_pretrained",
+    "init_from",
+    "WeightTransfer",
     "read_model_options",
     "MODEL_DEFAULTS",
 ]
@@ -164,13 +168,30 @@ class ViT_for_OSV_DSNet(FrozenModulesStayInEval):  # noqa: N801 - the authors' p
 
     def embed(self, images: torch.Tensor) -> TokenFeatures:
         """Backbone features of ``images [B, 1, H, W]``: tokens ``[B, N, 384]`` and kept mask ``[B, N]``."""
+        return self.embed_until(images, self.model.num_blocks)
+
+    def embed_until(self, images: torch.Tensor, block: int) -> TokenFeatures:
+        """The backbone's features at the input of block ``block`` (0-17; 18: ``embed``'s stage-4 tokens).
+
+        ``tokens [B, h * w, C]`` on that block's grid (row-major; block 15, stage 4's first: ``[B, N, 384]``,
+        the shape of ``embed``'s), ``kept [B, N]`` the stage-4 ink mask. ``embed_from`` finishes the embedding.
+        """
         if images.dim() != 4 or images.shape[1] != 1:
             raise ValueError(f"embed expects images of shape [B, 1, H, W], got {list(images.shape)}")
-        tokens = self.model.forward_features(images)
+        tokens = self.model.forward_until(images, block).flatten(1, 2)
         grid = (images.shape[-2] // 32, images.shape[-1] // 32)
         ink = F.interpolate(images.float(), size=grid, mode="area").flatten(1)
         kept = ink >= ink.amin(dim=1, keepdim=True) + KEPT_TOKEN_MARGIN
         return TokenFeatures(tokens, kept)
+
+    def embed_from(self, features: TokenFeatures, block: int) -> TokenFeatures:
+        """``embed``'s features from ``embed_until(images, block)``'s, for square images."""
+        batch, n_tokens, channels = features.tokens.shape
+        side = math.isqrt(n_tokens)
+        if side * side != n_tokens:
+            raise ValueError(f"embed_from needs a square token grid, got {n_tokens} tokens")
+        tokens = self.model.forward_from(features.tokens.reshape(batch, side, side, channels), block)
+        return TokenFeatures(tokens, features.kept)
 
     def global_distance(self, ref: TokenFeatures, query: TokenFeatures) -> torch.Tensor:
         """Distance ``[B, 1]`` between the mean final-norm tokens of each pair."""
@@ -198,8 +219,6 @@ class ViT_for_OSV_DSNet(FrozenModulesStayInEval):  # noqa: N801 - the authors' p
         if not self.training:
             return sinkhorn_emd(self._token_cost(ref, query), query.kept, ref.kept, eps=self._sinkhorn_eps(),
                                 dtype=torch.float64)
-        from models.emd import pack_valid, unit_rows  # here, not at the top: the import block is edited elsewhere
-
         cos = self.dis_type == "cos"
 
         def project(tokens: torch.Tensor) -> torch.Tensor:
@@ -329,3 +348,67 @@ def load_pretrained(model: nn.Module, path_or_state: str | Path | Mapping[str, A
     source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "the given checkpoint"
     checkpoint = read_torch_file(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
     return load_state_dict_checked(model, _unwrap_state_dict(checkpoint, source), strict=strict, source=source)
+
+
+class WeightTransfer(NamedTuple):
+    """What ``init_from`` did, tensor by tensor (the model's state-dict names, except ``skipped``: the source's).
+
+    Attributes:
+        loaded: copied as they were (name and shape match).
+        adapted: first convolutions taken from 3 input channels to the model's 1 (summed over RGB).
+        skipped: the source's tensors that fit nowhere (no such name, or another shape), with their shapes.
+        fresh: the model's tensors nothing was loaded into: they keep their new initialisation.
+    """
+
+    loaded: list[str]
+    adapted: list[str]
+    skipped: list[tuple[str, tuple[int, ...]]]
+    fresh: list[str]
+
+    def summary(self, source: str) -> str:
+        """One line a user can read: the counts, and the first names of what was adapted, skipped and left fresh."""
+        def names(items: Sequence[str], limit: int = 4) -> str:
+            shown = ", ".join(items[:limit])
+            return f" ({shown}{', ...' if len(items) > limit else ''})" if items else ""
+
+        skipped = [f"{name} {list(shape)}" for name, shape in self.skipped]
+        return (f"weights from {source}: {len(self.loaded)} tensors loaded, {len(self.adapted)} adapted to 1 input "
+                f"channel{names(self.adapted)}, {len(self.skipped)} skipped{names(skipped)}, {len(self.fresh)} left "
+                f"fresh{names(self.fresh)}")
+
+
+def init_from(model: nn.Module, path_or_state: str | Path | Mapping[str, Any]) -> WeightTransfer:
+    """Start ``model`` from any checkpoint: every tensor whose name and shape match is loaded; returns what was done.
+
+    For a backbone checkpoint (an ImageNet classifier, say) names are tried as they are and under the
+    siamese model's ``model.`` prefix. A 3-channel first convolution meets the model's 1-channel one through
+    timm's ``adapt_input_conv`` (the RGB kernels summed, so a gray image gives what the RGB network gave for
+    the same gray in every channel). Everything else in the source is skipped, and the model's tensors that
+    got nothing keep their initialisation. Accepts what ``load_pretrained`` accepts (path or object, wrappers,
+    the ``module.`` prefix).
+
+    Raises:
+        models.weights.CheckpointError: the file is not a safe, readable checkpoint, or holds no state dict.
+        CheckpointMismatchError: not one tensor of the source fits the model (the wrong file, most likely).
+    """
+    source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "the given checkpoint"
+    checkpoint = read_torch_file(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
+    state = model.state_dict()
+    loaded, adapted, skipped, update = [], [], [], {}
+    for name, tensor in _unwrap_state_dict(checkpoint, source).items():
+        target = next((key for key in (name, f"model.{name}") if key in state and key not in update), None)
+        if target is not None and tensor.shape == state[target].shape:
+            update[target] = tensor
+            loaded.append(target)
+        elif (target is not None and tensor.dim() == 4 and tensor.shape[1] == 3 and state[target].shape[1] == 1
+              and tensor.shape[0] == state[target].shape[0] and tensor.shape[2:] == state[target].shape[2:]):
+            update[target] = adapt_input_conv(1, tensor)
+            adapted.append(target)
+        else:
+            skipped.append((name, tuple(tensor.shape)))
+    if not update:
+        raise CheckpointMismatchError(
+            f"{source}: none of its {len(skipped)} tensors has a name and shape of this model's (first: "
+            f"{', '.join(name for name, _ in skipped[:3])}); it is not a DSNet or DetailSemNet checkpoint")
+    model.load_state_dict({**state, **{key: value.to(state[key].dtype) for key, value in update.items()}})
+    return WeightTransfer(loaded, adapted, skipped, [key for key in state if key not in update])

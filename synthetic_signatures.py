@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter
-from tqdm.auto import tqdm
 
 from models.errors import InputError
 from module.core.io import atomic_write_text, naming_path
+from module.core.progress import progress_bar
 from module.data.datasets import DATASETS
 from module.data.datasets.bhsig import LANGUAGES
 
@@ -383,7 +383,7 @@ def make_synthetic_dataset(
         forgers[w] = [forger_habits(styles[w], rng) for _ in range(int(rng.integers(1, 4)))]
     for directory in sorted({(root / p).parent for *_, p in plan}):
         directory.mkdir(parents=True, exist_ok=True)
-    for w, forged, n, rel in tqdm(plan, desc=f"synthetic {layout}", unit="scan", disable=not progress):
+    for w, forged, n, rel in progress_bar(plan, desc=f"synthetic {layout}", unit="scan", disable=not progress):
         rng = _rng(seed, 3, w, int(forged), n)
         if forged:
             perf = forgery_sample(styles[w], forgers[w][(n - 1) % len(forgers[w])], rng)

@@ -24,6 +24,7 @@ code imports each name from the module that defines it).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,20 +34,30 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from models.fine_tune_utils import (
     build_optimizer_for_head_only,
     print_trainable_params,
     setup_head_only_finetune,
+    train_whole_model,
     unfreeze_last_blocks,
 )
 from models.loss import NonFiniteLossError
 from models.weights import CheckpointError
-from module.core.distributed import SINGLE_PROCESS, ProcessGroup, all_reduce_sum, current_group, wrap_for_data_parallel
+from module.core.distributed import (
+    SINGLE_PROCESS,
+    ProcessGroup,
+    all_reduce_sum,
+    current_group,
+    join_process_group,
+    wrap_for_data_parallel,
+)
 from module.core.precision import model_device
+from module.core.progress import progress_bar
 from module.core.wording import format_metric, option, rerun_hint
 from module.data.epoch_order import share_weight
+from module.data.pair_dataset import PairDatasets, SignaturePairDataset
+from module.data.prepare import ensure_pair_files
 from module.evaluation.calibration import cllr, cllr_min, fit_calibration, load_calibration, verbal_equivalent
 from module.evaluation.curves import TrainingCurves, learning_rates
 from module.evaluation.metrics import compute_metrics, compute_writer_metrics, save_metrics_json
@@ -63,12 +74,14 @@ from module.evaluation.reports import (
     evaluate_and_report,
     evidence_summary,
     explain_worst_errors,
+    report_is_whole,
     report_run,
     starting_model_note,
 )
 from module.evaluation.validation import evaluate_with_references, validate
 from module.features.cache import CachedPairBatch, FeatureCache, compute_features
 from module.features.loaders import PairDistances, make_epoch_loader, make_pair_loader
+from module.features.store import LAST_BLOCK
 from module.run.checkpoint import epoch_checkpoint_path, export_state_dict, load_checkpoint, save_checkpoint
 from module.run.config import FinetuneConfig
 from module.run.folder import RunFolderError, find_latest_checkpoint, find_resume_point, run_status
@@ -104,6 +117,7 @@ __all__ = [
     "find_latest_checkpoint", "epoch_checkpoint_path", "export_state_dict", "CheckpointError", "RunFolderError",
     "lock_run_folder",
     "setup_head_only_finetune", "print_trainable_params", "build_optimizer_for_head_only", "unfreeze_last_blocks",
+    "train_whole_model", "pretrain", "PRETRAINED_FILE",
 ]
 
 
@@ -122,6 +136,8 @@ def train_one_epoch(
     step: nn.Module | None = None,
     shares: Sequence[tuple[Any, int, int]] | None = None,
     group: ProcessGroup = SINGLE_PROCESS,
+    accumulation: int = 1,
+    clip_grad_norm: float = 0.0,
 ) -> float:
     """One pass over ``loader`` (either path) in training mode; returns the mean loss per pair.
 
@@ -138,6 +154,10 @@ def train_one_epoch(
             ``EpochSampler.shares()``): each process's loss is weighted by its share of the global batch,
             so the processes together take the step one process would (``module/epoch_order.py``).
         group: the processes of a torchrun job; the loss returned is over all of them.
+        accumulation: batches whose gradients add up before each optimizer step (each batch's loss divided
+            by the batches of its step, so a step follows the mean over its pairs' batches); the last step of
+            the epoch takes what is left.
+        clip_grad_norm: clip the gradients' total norm to this before each step (0: no clipping).
     """
     device = torch.device(device) if device is not None else model_device(model)
     step = step if step is not None else PairDistances(model)
@@ -145,7 +165,9 @@ def train_one_epoch(
     model.train()
     total_loss, total_pairs = 0.0, 0
     description = f"epoch {epoch} training" if epoch is not None else "training"
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=not (progress and group.is_main))
+    bar = progress_bar(loader, desc=description, unit="batch", leave=False, disable=not (progress and group.is_main))
+    n_batches = len(loader)
+    optimizer.zero_grad(set_to_none=True)
     for batch_number, batch in enumerate(bar, start=1):
         distance, labels = step(batch, device, amp)
         loss = model.loss_fn(distance, labels)
@@ -161,14 +183,12 @@ def train_one_epoch(
             value = batch_loss if not math.isfinite(batch_loss) else "not finite in another process"
             raise NonFiniteLossError(f"training loss is {value} at batch {batch_number} of {len(bar)}"
                                      + (f" in epoch {epoch}" if epoch is not None else ""))
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss * weight).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            (loss * weight).backward()
-            optimizer.step()
+        step_start = (batch_number - 1) // accumulation * accumulation  # batches before this step's first
+        batches_in_step = min(accumulation, n_batches - step_start)
+        scaled = loss * (weight / batches_in_step)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if batch_number - step_start == batches_in_step:
+            _optimizer_step(model, optimizer, scaler, clip_grad_norm)
         total_loss += batch_loss * counted
         total_pairs += counted
         bar.set_postfix(loss=f"{total_loss / max(total_pairs, 1):.4f}")
@@ -177,6 +197,21 @@ def train_one_epoch(
         raise ValueError("the training loader yielded no pairs")
     return total_loss / total_pairs
 
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                    clip_grad_norm: float) -> None:
+    """Clip (on unscaled gradients), step and clear the gradients."""
+    if clip_grad_norm > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -197,15 +232,23 @@ class EpochData:
 
 
 def _epoch_data(run: TrainingRun, train_set: Any, val_set: Any, progress: bool) -> EpochData:
-    """The loaders of ``fit``: a frozen backbone's features come from the feature store (embedded once, kept across
-    resumes); a training one's change every step, so pairs go through it."""
+    """The loaders of ``fit``. The fast path: features where the backbone's frozen part ends (the stage-4 tokens
+    for head-only training, the input of block ``18 - N`` for ``last:N``) come from the feature store, embedded
+    once and kept across resumes, and the trained blocks finish them each step. The per-pair path: every pair
+    through the whole backbone, augmented; a head-only run still validates on stored features."""
     config, model, device, group = run.config, run.model, run.device, run.group
-    backbone_frozen = not any(parameter.requires_grad for parameter in model.model.parameters())
-    if config.fast_head_only and not backbone_frozen:
-        raise ValueError("fast_head_only needs a frozen backbone; build the run with prepare_run(model, config)")
-    feature_dtype = settle_feature_dtype(run, [train_set, val_set] if config.fast_head_only else [val_set])
+    # Where the frozen part of the backbone ends: features at that block's input never change while training.
+    block = 0 if config.finetune == "all" else LAST_BLOCK - config.unfreeze_blocks
+    frozen = set() if config.finetune == "all" else \
+        dict(model.model.named_parameters()).keys() & model.model.state_dict_until(block).keys()
+    if any(model.model.get_parameter(name).requires_grad for name in frozen):
+        raise ValueError(f"the backbone trains before block {block}, which {option('finetune', config.finetune)} "
+                         "keeps frozen; build the run with prepare_run(model, config)")
+    stored = config.fast_head_only or block == LAST_BLOCK  # the blocks after the cut run on stored features
+    feature_dtype = settle_feature_dtype(run, [train_set, val_set] if config.fast_head_only else [val_set],
+                                         block if stored else LAST_BLOCK)
     features = dict(batch_size=config.eval_batch_size, device=device, amp=config.autocast, dtype=feature_dtype,
-                    feature_dir=config.feature_store_dir() if backbone_frozen else "",
+                    feature_dir=config.feature_store_dir() if stored else "", block=block,
                     num_workers=config.num_workers, progress=progress, group=group)
     train_data = train_set
     if config.fast_head_only:
@@ -214,7 +257,7 @@ def _epoch_data(run: TrainingRun, train_set: Any, val_set: Any, progress: bool) 
                 f"({option('fast_head_only', False)} trains with augmentation)")
         train_data = compute_features(model, train_set, desc="training set: embedding images", **features)
     val_data = compute_features(model, val_set, desc="validation set: embedding images", **features) \
-        if backbone_frozen else val_set
+        if stored else val_set
     loader = make_epoch_loader(train_data, config.batch_size, config.seed, group=group,
                                max_pairs=config.max_train_pairs_per_epoch, num_workers=config.num_workers,
                                pin_memory=device.type == "cuda")
@@ -293,7 +336,9 @@ def fit(
                 sampler.set_epoch(epoch)
                 train_loss = train_one_epoch(run.model, data.train_loader, run.optimizer, device=run.device,
                                              scaler=run.scaler, amp=config.autocast, epoch=epoch, progress=progress,
-                                             step=data.step, shares=sampler.shares(), group=run.group)
+                                             step=data.step, shares=sampler.shares(), group=run.group,
+                                             accumulation=config.grad_accumulation,
+                                             clip_grad_norm=config.clip_grad_norm)
                 metrics = data.validate()
                 run.scheduler.step()
                 run.epoch = epoch
@@ -350,8 +395,8 @@ def train_and_report(
 ) -> TrainingResult:
     """The whole pipeline, as the notebook and ``finetune.py train`` run it: build, resume, fit, evaluate, export.
 
-    Says when the backbone is fresh, and writes ``test_before_metrics.json``
-    (the starting model on the test split) unless resuming a run that has it.
+    Says when the backbone is fresh, and writes the ``test_before`` report
+    (the starting model on the test split) unless resuming a run that has it whole (``report_is_whole``).
 
     Args:
         config: the run's settings; ``config.ckpt_dir`` is the run folder.
@@ -363,15 +408,18 @@ def train_and_report(
         model: a model from ``build_model(config)`` to train (built when ``None``).
         datasets: ``build_datasets(config)``'s splits (built when ``None``).
     """
-    config.resolved_device()  # a device this machine lacks, or a run folder in use, is reported before any work
-    with lock_run_folder(config.ckpt_dir):
+    # A device this machine lacks, or a run folder in use, is reported before any work (under torchrun by rank 0 alone).
+    group, _ = join_process_group(config.resolved_device())
+    with lock_run_folder(config.ckpt_dir, group):
         datasets = datasets if datasets is not None else build_datasets(config)
-        if not config.pretrained:
+        if not (config.pretrained or config.init_from):
             log(f"the backbone is fresh (no {option('pretrained')} weights): its features say little about a writer, "
-                "so fine-tuning the head has little to work with; the authors' weights give it real structure")
+                + ("so fine-tuning the head has little to work with; the authors' weights give it real structure, "
+                   f"or train the whole model ({option('finetune', 'all')}; README: No checkpoint?)"
+                   if config.finetune == "head" else f"and {option('finetune', config.finetune)} trains it from "
+                   "where it starts (README: No checkpoint?)"))
         model = model if model is not None else build_model(config)
-        before = Path(config.ckpt_dir) / "test_before_metrics.json"
-        if current_group().is_main and not (resume and before.is_file()):
+        if current_group().is_main and not (resume and report_is_whole(config.ckpt_dir, "test_before")):
             # The starting model on the test split, rebuilt as the run starts (the model given may have trained since).
             evaluate_and_report(build_model(config), datasets["test"], config.ckpt_dir, "test_before", config, progress)
         run = prepare_run(model, config, resume=resume)
@@ -381,3 +429,46 @@ def train_and_report(
         return TrainingResult(run, report_run(run, datasets, progress))
 
 
+# --------------------------------------------------------------------------- synthetic pre-training
+
+PRETRAINED_FILE = "pretrained.pth"
+
+
+def pretrain(config: FinetuneConfig, *, writers: int = 200, part_writers: int = 50, samples: int = 12,
+             canvas: int = 256, resume: bool = True, progress: bool = True) -> Path:
+    """Train the whole model on a synthetic corpus; returns the weights file for ``pretrained`` (``--pretrained``).
+
+    For users with no checkpoint: the corpus (``writers`` procedural writers, ``samples`` genuine signatures
+    and as many skilled forgeries each, scans of at most ``canvas`` pixels) is written in parts of
+    ``part_writers`` writers, ``ckpt_dir/corpus/part-NNN`` (CEDAR layout, each made once and kept: a kill
+    loses at most the part being written). 90 % of each part's writers train; the first part's other
+    writers validate. The run, ``ckpt_dir/run``, trains every parameter (``finetune all``, per-pair path,
+    augmented) and resumes like any run; its best epoch is exported as ``ckpt_dir/pretrained.pth`` (a whole
+    state dict with its checksum, which ``build_model`` loads with ``strict=True``). The other settings
+    (``image_size``, ``epochs``, ``lr``, ``lr_blocks``, ``max_train_pairs_per_epoch``, ...) come from ``config``.
+    """
+    from synthetic_signatures import ensure_synthetic_dataset  # here: importing the helpers leaves the generator out
+
+    out = Path(config.ckpt_dir)
+    parts = []
+    for number, first in enumerate(range(0, writers, part_writers)):
+        root = out / "corpus" / f"part-{number:03d}"
+        ensure_synthetic_dataset(root, layout="cedar", n_writers=min(part_writers, writers - first), n_genuine=samples,
+                                 n_forged=samples, seed=config.seed * 100_003 + number, image_size=canvas,
+                                 progress=progress)
+        ensure_pair_files("cedar", root, random_state=config.seed, train_ratio=0.9)
+        parts.append(root)
+    run_config = dataclasses.replace(config, dataset="cedar", data_root=str(parts[0]), ckpt_dir=str(out / "run"),
+                                     finetune="all", unfreeze_blocks=0, fast_head_only=False)
+    train_set = PairDatasets([SignaturePairDataset(None, root, train=True, image_size=config.image_size,
+                                                   dataset="cedar", cache_dir=config.cache_dir or None)
+                              for root in parts])
+    val_set = SignaturePairDataset(None, parts[0], train=False, image_size=config.image_size, dataset="cedar",
+                                   cache_dir=config.cache_dir or None)
+    log(f"synthetic pre-training: {writers} writers in {len(parts)} parts, {len(train_set):,} training pairs, "
+        f"{len(val_set):,} validation pairs")
+    run = fit(prepare_run(build_model(run_config), run_config, resume=resume), train_set, val_set, progress=progress)
+    weights = export_state_dict(run.best_checkpoint, out / PRETRAINED_FILE)
+    log(f"pre-trained weights: {weights} (best validation {format_metric(config.select_metric, run.best_metric)} at "
+        f"epoch {run.best_epoch}); fine-tune from them with {option('pretrained', str(weights))}")
+    return weights

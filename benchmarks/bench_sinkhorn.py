@@ -30,7 +30,9 @@ density of real scans (43 % kept). Tokens are random unless ``--tokens embed``
 ``--threads-table`` then times the new training step in separate processes,
 interleaved: ``OMP_NUM_THREADS=1``, ``2`` (default wait policy) and ``2`` with
 ``OMP_WAIT_POLICY=PASSIVE``, reporting CPU seconds (``time.process_time``) and
-wall seconds (``time.perf_counter``) a step.
+wall seconds (``time.perf_counter``) a step; with ``--busy`` beside a process
+that keeps one core busy (a shared machine). ``finetune.py`` and the notebook
+set ``OMP_WAIT_POLICY=PASSIVE`` (``module/core/threads.py``) from this table.
 """
 from __future__ import annotations
 
@@ -287,13 +289,20 @@ def threads_table(args: argparse.Namespace, rounds: int = 3) -> None:
     if args.data_root is not None:
         command += ["--data-root", str(args.data_root)]
     results: dict[str, list[dict]] = {name: [] for name in THREAD_SETTINGS}
-    for _ in range(rounds):
-        for name, setting in THREAD_SETTINGS.items():
-            environment = {key: value for key, value in os.environ.items()
-                           if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")} | setting
-            output = subprocess.run(command, env=environment, check=True, capture_output=True, text=True).stdout
-            results[name].append(json.loads(output.strip().splitlines()[-1]))
-    print(f"\nNew training step, {args.batch_size} pairs, separate processes, {rounds} rounds interleaved "
+    # --busy: a process beside the table keeps one core busy, as a notebook or another job does on a shared machine.
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        for _ in range(rounds):
+            for name, setting in THREAD_SETTINGS.items():
+                environment = {key: value for key, value in os.environ.items()
+                               if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")} | setting
+                output = subprocess.run(command, env=environment, check=True, capture_output=True, text=True).stdout
+                results[name].append(json.loads(output.strip().splitlines()[-1]))
+    finally:
+        if busy is not None:
+            busy.kill()
+    beside = "beside a process keeping one core busy" if args.busy else "on the machine as it is"
+    print(f"\nNew training step, {args.batch_size} pairs, separate processes {beside}, {rounds} rounds interleaved "
           f"({args.repeats} steps each; median of the rounds)\n")
     print("| setting | torch threads | wall ms a step | CPU ms a step | CPU / wall |\n|---|---:|---:|---:|---:|")
     for name, runs in results.items():
@@ -311,6 +320,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads-table", action="store_true", help="also time the step with 1, 2, 2 PASSIVE threads")
+    parser.add_argument("--busy", action="store_true", help="run the threads table beside a process keeping one "
+                        "core busy")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -15,6 +15,7 @@ Typical use::
 
     setup_head_only_finetune(model)
     groups = unfreeze_last_blocks(model, 2, lr_blocks=1e-5)   # optional, partial fine-tuning
+    groups = train_whole_model(model, lr_backbone=1e-4)         # or: every parameter
     optimizer = build_optimizer_for_head_only(model, lr_head=1e-4, param_groups=groups)
     print_trainable_params(model)
 """
@@ -37,6 +38,7 @@ __all__ = [
     "print_trainable_params",
     "build_optimizer_for_head_only",
     "unfreeze_last_blocks",
+    "train_whole_model",
     "backbone_blocks",
     "weights_fingerprint",
 ]
@@ -144,6 +146,24 @@ def unfreeze_last_blocks(model: nn.Module, n: int, lr_blocks: float = 1e-5) -> l
         parameter.requires_grad_(True)
     model.train(model.training)  # the newly trainable blocks take the model's mode
     return [{"params": parameters, "lr": lr_blocks, "name": f"backbone_last_{n}_blocks"}]
+
+
+def train_whole_model(model: nn.Module, lr_backbone: float = 1e-4) -> list[dict[str, Any]]:
+    """Make every parameter trainable; return the optimizer parameter group of all but ``head_str``.
+
+    Patch embeddings and their BatchNorms train too, and with nothing frozen
+    the BatchNorms stay in train mode under ``model.train()``: their running
+    statistics follow the training images (and are saved with the weights).
+    Pass the returned group to ``build_optimizer_for_head_only(param_groups=...)``;
+    its learning rate is ``lr_backbone``.
+    """
+    head = getattr(model, "head_str", None)
+    head_ids = {id(parameter) for parameter in head.parameters()} if isinstance(head, nn.Module) else set()
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    model.train(model.training)
+    parameters = [parameter for parameter in model.parameters() if id(parameter) not in head_ids]
+    return [{"params": parameters, "lr": lr_backbone, "name": "backbone"}]
 
 
 def print_trainable_params(model: nn.Module) -> dict[str, int]:

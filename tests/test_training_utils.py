@@ -120,8 +120,8 @@ def test_config_roundtrip_and_clear_errors() -> None:
     with pytest.raises(ValueError, match="select_metric") as error:
         FinetuneConfig(select_metric="acc", warmup_epochs=10, epochs=10)
     assert "warmup_epochs" in str(error.value)  # every problem is listed at once
-    with pytest.raises(ValueError, match="fast_head_only caches backbone features"):
-        FinetuneConfig(unfreeze_blocks=2)
+    with pytest.raises(ValueError, match="fast_head_only stores the features of the backbone's frozen part"):
+        FinetuneConfig(finetune="all")
 
 
 def test_config_from_notebook_parameters_and_datasets_from_config(corpus: str) -> None:
@@ -430,7 +430,8 @@ def test_train_and_report_runs_the_pipeline_and_starting_over_loses_no_run(corpu
     assert sorted(path.name for path in previous.iterdir()) == sorted(
         set_aside + [name + ".sha256" for name in set_aside] + ["history.json", "history.png"]
         + ["calibration.json", "test_tippett.png", "test_ece.png", "tensorboard"]
-        + [f"{split}_{kind}" for split in ("val", "test") for kind in ("metrics.json", "roc.png", "scores.png")])
+        + [f"{split}_{kind}" for split in ("val", "test")
+           for kind in ("metrics.json", "roc.png", "scores.png", "per_writer.csv", "writer_eers.png", "manifest.json")])
     assert torch.load(previous / "best.pt", weights_only=True)["history"] == best["history"]
     assert again.run.history["epoch"] == [0, 1, 2]
 

@@ -49,7 +49,7 @@ CASES = {
                    "--no-resume", "RESUME = False", "resume=False"),
     "a bad setting": (lambda: FinetuneConfig(epochs=0), "--epochs must be >= 1", "EPOCHS must be >= 1",
                       "epochs must be >= 1"),
-    "a boolean setting": (lambda: FinetuneConfig(unfreeze_blocks=2), "--no-fast-head-only",
+    "a boolean setting": (lambda: FinetuneConfig(finetune="all"), "--no-fast-head-only",
                           "FAST_HEAD_ONLY = False", "fast_head_only=False"),
     "the run folder": (lambda: finetune._require_run_folder(Path(__file__)), "--out", "CKPT_DIR", "ckpt_dir"),
 }

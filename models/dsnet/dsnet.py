@@ -17,7 +17,21 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-__all__ = ["DSNet", "Block", "Mixer", "HighMixer", "LowMixer", "StemEmbed", "DownsampleEmbed"]
+__all__ = ["DEPTHS", "EMBED_DIMS", "STRIDES", "DSNet", "token_shape", "Block", "Mixer", "HighMixer", "LowMixer",
+           "StemEmbed", "DownsampleEmbed"]
+
+
+EMBED_DIMS = (96, 192, 320, 384)  # channels of stages 1-4
+DEPTHS = (3, 3, 9, 3)  # blocks of stages 1-4
+STRIDES = (4, 8, 16, 32)  # input pixels a token of stages 1-4 covers, per side
+
+
+def token_shape(image_size: int, block: int) -> tuple[int, int]:
+    """``(tokens, channels)`` of an ``image_size``-pixel square image's features at the input of ``block``
+    (``DSNet.forward_until``; 18: the last block's output)."""
+    first_blocks = [sum(DEPTHS[:stage]) for stage in range(len(DEPTHS))]
+    stage = max(index for index, first in enumerate(first_blocks) if first <= min(block, sum(DEPTHS) - 1))
+    return (image_size // STRIDES[stage]) ** 2, EMBED_DIMS[stage]
 
 
 class StemEmbed(nn.Module):
@@ -192,8 +206,8 @@ class DSNet(nn.Module):
     def __init__(
         self,
         in_chans: int = 1,
-        embed_dims: Sequence[int] = (96, 192, 320, 384),
-        depths: Sequence[int] = (3, 3, 9, 3),
+        embed_dims: Sequence[int] = EMBED_DIMS,
+        depths: Sequence[int] = DEPTHS,
         num_heads: Sequence[int] = (3, 6, 10, 12),
         attention_heads: Sequence[int] = (1,) * 3 + (3,) * 3 + (7,) * 4 + (9,) * 5 + (11,) * 3,
         pool_sizes: Sequence[int] = (2, 2, 1, 1),
@@ -206,6 +220,7 @@ class DSNet(nn.Module):
         if len(attention_heads) != sum(depths):
             raise ValueError(f"attention_heads has {len(attention_heads)} entries, depths sum to {sum(depths)}")
         self.num_features = self.embed_dim = embed_dims[-1]
+        self.num_blocks = sum(depths)
         self.patch_embed = StemEmbed(in_chans, embed_dims[0])
         self.patch_embed2 = DownsampleEmbed(embed_dims[0], embed_dims[1])
         self.patch_embed3 = DownsampleEmbed(embed_dims[1], embed_dims[2])
@@ -256,15 +271,57 @@ class DSNet(nn.Module):
             ).permute(0, 2, 3, 1)
         return x + pos_embed
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage-4 tokens before the final norm: ``[B, in_chans, H, W] -> [B, H/32 * W/32, 384]``."""
+    def _stages(self) -> list[tuple[nn.Module, nn.Parameter, nn.Sequential]]:
+        """Each stage's patch embedding, position embedding and blocks, stage 1 to 4."""
+        return [(self.patch_embed if stage == 1 else getattr(self, f"patch_embed{stage}"),
+                 getattr(self, f"pos_embed{stage}"), getattr(self, f"blocks{stage}")) for stage in range(1, 5)]
+
+    def forward_until(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """The input of block ``block`` (0-17, counted over all stages; 18: the last block's output).
+
+        ``[B, in_chans, H, W] -> [B, h, w, C]``: for the first block of a stage, after that stage's patch and
+        position embeddings (stage 4's first block, 15: ``[B, H/32, W/32, 384]``).
+        """
         if x.shape[-2] % 32 or x.shape[-1] % 32:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of 32; resize the input")
-        for stage in range(1, 5):
-            embed = self.patch_embed if stage == 1 else getattr(self, f"patch_embed{stage}")
-            x = self._add_pos_embed(embed(x), getattr(self, f"pos_embed{stage}"))
-            x = getattr(self, f"blocks{stage}")(x)
+        index = 0
+        for embed, pos_embed, blocks in self._stages():
+            x = self._add_pos_embed(embed(x), pos_embed)
+            for layer in blocks:
+                if index == block:
+                    return x
+                x = layer(x)
+                index += 1
+        return x
+
+    def state_dict_until(self, block: int) -> dict[str, torch.Tensor]:
+        """The state-dict entries ``forward_until(x, block)`` reads: the embeddings of the stages it enters and
+        the blocks before ``block``."""
+        names, index = [], 0
+        for stage, (_, _, blocks) in enumerate(self._stages(), start=1):
+            if index > block:
+                break
+            names += [f"{'patch_embed' if stage == 1 else f'patch_embed{stage}'}.", f"pos_embed{stage}"]
+            names += [f"blocks{stage}.{position}." for position in range(len(blocks)) if index + position < block]
+            index += len(blocks)
+        return {key: value for key, value in self.state_dict().items() if key.startswith(tuple(names))}
+
+    def forward_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """Stage-4 tokens before the final norm from the input of block ``block`` (``forward_until``'s output):
+        ``[B, h, w, C] -> [B, H/32 * W/32, 384]``."""
+        index = 0
+        for embed, pos_embed, blocks in self._stages():
+            if index > block:  # a later stage: its embeddings take the previous stage's output
+                x = self._add_pos_embed(embed(x), pos_embed)
+            for layer in blocks:
+                if index >= block:
+                    x = layer(x)
+                index += 1
         return x.flatten(1, 2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage-4 tokens before the final norm: ``[B, in_chans, H, W] -> [B, H/32 * W/32, 384]``."""
+        return self.forward_from(self.forward_until(x, 0), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image embedding ``[B, 384]``: final norm of the stage-4 tokens, averaged."""

@@ -36,8 +36,8 @@ from module.data.datasets.record import DatasetLayout
 from module.data.images import CACHE_VERSION, MODES, prepare_file, to_tensor
 from module.data.pair_files import PAIR_FILES, PairFileError, existing_files, read_pair_index, resolve_pair_file
 
-__all__ = ["PairAugmentation", "PairList", "SigDataset_BHSig_Colab", "SigDataset_CEDAR_Colab", "SigDataset_GDPS_Colab",
-           "SignaturePairDataset"]
+__all__ = ["PairAugmentation", "PairDatasets", "PairList", "SigDataset_BHSig_Colab", "SigDataset_CEDAR_Colab",
+           "SigDataset_GDPS_Colab", "SignaturePairDataset"]
 
 MISSING_SHOWN = 5
 
@@ -139,7 +139,7 @@ class SignaturePairDataset(Dataset):
             cropped and centred: invert and resize only).
         pair_file: a pair file to read instead; a relative path is relative to `path`.
         augment: apply the training augmentation to each pair; default `train`.
-        cache_dir: folder for a disk cache of preprocessed images; None: no cache.
+        cache_dir: folder for a disk cache of preprocessed images; None or "": no cache.
         dataset: the layout (``cedar``, ``gpds``, ``bhsig``), for the command that makes a missing pair file;
             default the class's.
 
@@ -210,7 +210,7 @@ class SignaturePairDataset(Dataset):
         self.mode = mode
         self.dataset = layout.name
         self.augment = train if augment is None else bool(augment)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None  # "" is no cache, not the working directory
         self.augmentation = PairAugmentation(self.image_size)
 
     @property
@@ -282,3 +282,20 @@ class SigDataset_BHSig_Colab(SignaturePairDataset):  # noqa: N801
     """BHSig260 pairs (one language folder, one folder a writer); ``SignaturePairDataset(dataset="bhsig")``."""
 
     dataset = "bhsig"
+
+
+class PairDatasets(torch.utils.data.ConcatDataset):
+    """Several pair datasets read as one (the parts of a synthetic pre-training corpus): their pairs in order.
+
+    ``pair_labels`` ``[P]`` and ``image_paths()`` cover every part, as a single
+    ``SignaturePairDataset``'s do; an item is its part's item.
+    """
+
+    def __init__(self, parts: Sequence[SignaturePairDataset]) -> None:
+        super().__init__(parts)
+        self.pair_labels = np.concatenate([part.pair_labels for part in parts])
+        self.image_size = parts[0].image_size
+        self.augment = parts[0].augment
+
+    def image_paths(self) -> list[str]:
+        return sorted({path for part in self.datasets for path in part.image_paths()})

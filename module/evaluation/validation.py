@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from models.errors import InputError
 from models.loss import NonFiniteLossError
 from module.core.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
 from module.core.precision import model_device
+from module.core.progress import progress_bar
 from module.core.wording import option
 from module.data.datasets import pair_kind, signature_of
 from module.data.epoch_order import share
@@ -80,7 +80,7 @@ def validate(
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not (progress and group.is_main)):
+            for batch in progress_bar(loader, desc=desc, unit="batch", leave=False, disable=not (progress and group.is_main)):
                 distance, label = pair_distances(model, batch, device, amp)
                 distances.append(distance.detach().double().cpu().reshape(-1))
                 labels.append(label.cpu().reshape(-1))
@@ -228,7 +228,7 @@ def evaluate_with_references(model: nn.Module, data: Any, references: int, confi
     row_of = {path: row for row, path in enumerate(cache.paths)}
     pair_rows = torch.tensor([[row_of[ref], row_of[query]] for refs, query, _, _ in trials for ref in refs])
     labels = torch.tensor([[float(kind == "genuine")] for _, _, _, kind in trials for _ in range(references)])
-    trial_cache = FeatureCache(cache.paths, cache.tokens, cache.kept, pair_rows, labels)
+    trial_cache = FeatureCache(cache.paths, cache.tokens, cache.kept, pair_rows, labels, block=cache.block)
     pair_metrics = validate(model, trial_cache, batch_size=config.eval_batch_size, amp=config.autocast,
                                progress=progress, desc=f"{references} references a query")
     distances = getattr(np, aggregate)(pair_metrics["distances"].reshape(len(trials), references), axis=1)

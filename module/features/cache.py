@@ -18,15 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from model_v3 import TokenFeatures
 from models.errors import InputError
 from module.core.distributed import SINGLE_PROCESS, ProcessGroup, gather_in_order
 from module.core.precision import autocast, autocast_dtype, model_device
+from module.core.progress import progress_bar, write_line
 from module.data.epoch_order import share
 from module.features.store import (
     CHUNK_BYTES,
+    LAST_BLOCK,
     RAM_SHARE,
     ChunkedTokens,
     FeatureStore,
@@ -39,6 +40,10 @@ from module.features.store import (
 
 __all__ = ["CachedPairBatch", "FeatureCache", "compute_features", "pair_labels"]
 
+# The feature stores this process has named in its log. A run opens its store once a split: the first opening
+# says where the store is and what it held, a later one speaks only when it embeds or memory-maps.
+_STORES_NAMED: set[Path] = set()
+
 class CachedPairBatch(NamedTuple):
     """Pairs as cached backbone features.
 
@@ -46,11 +51,14 @@ class CachedPairBatch(NamedTuple):
         ref: reference images' ``TokenFeatures`` (``tokens [B, N, 384]``, ``kept [B, N]``).
         query: query images' ``TokenFeatures``, same shapes.
         labels: ``[B, 1]`` float32, 1 genuine-genuine, 0 genuine-forged.
+        block: the backbone block whose input the tokens are (``LAST_BLOCK``: the stage-4 tokens; an earlier
+            one: ``model.embed_from(features, block)`` finishes them, with the blocks that train).
     """
 
     ref: TokenFeatures
     query: TokenFeatures
     labels: torch.Tensor
+    block: int = LAST_BLOCK
 
 
 class _ImageFiles(Dataset):
@@ -85,10 +93,14 @@ class FeatureCache(Dataset):
         embedded: how many images went through the backbone to build it (the
             others came from the feature store).
         location: the feature store's folder, or None when nothing is stored.
+        block: the backbone block whose input ``tokens`` are (``LAST_BLOCK``: the stage-4 tokens ``[M, N, 384]``;
+            block ``k``: ``[M, n_k, C_k]``, see ``models.dsnet.dsnet.token_shape``).
     """
 
     def __init__(self, paths: list[str], tokens: torch.Tensor | ChunkedTokens, kept: torch.Tensor,
-                 pair_rows: torch.Tensor, labels: torch.Tensor, embedded: int = 0, location: Path | None = None) -> None:
+                 pair_rows: torch.Tensor, labels: torch.Tensor, embedded: int = 0, location: Path | None = None,
+                 block: int = LAST_BLOCK) -> None:
+        self.block = block
         self.paths = paths
         self.tokens = tokens
         self.kept = kept
@@ -115,7 +127,7 @@ class FeatureCache(Dataset):
         """The batch of pairs ``pair_indices`` (``collate_fn`` of the fast path's ``DataLoader``)."""
         index = torch.as_tensor(pair_indices, dtype=torch.int64)
         rows = self.pair_rows[index]
-        return CachedPairBatch(self.features(rows[:, 0]), self.features(rows[:, 1]), self.labels[index])
+        return CachedPairBatch(self.features(rows[:, 0]), self.features(rows[:, 1]), self.labels[index], self.block)
 
     def __repr__(self) -> str:
         storage = "RAM" if isinstance(self.tokens, torch.Tensor) else f"memory-mapped files in {self.location}"
@@ -155,9 +167,10 @@ def _pair_arrays(dataset: Any, paths: list[str]) -> tuple[torch.Tensor, torch.Te
 
 
 def _embedded_batches(model: nn.Module, dataset: Any, paths: list[str], batch_size: int, device: torch.device,
-                      storage_dtype: torch.dtype, amp: bool | str, num_workers: int, progress: bool, desc: str
-                      ) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """``(paths, tokens [b, N, 384] in storage_dtype, kept [b, N])`` on the CPU, batch by batch, in eval mode."""
+                      storage_dtype: torch.dtype, amp: bool | str, num_workers: int, progress: bool, desc: str,
+                      block: int) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """``(paths, tokens [b, n, C] in storage_dtype, kept [b, N])`` at the input of ``block`` on the CPU, batch by
+    batch, in eval mode."""
     loader = DataLoader(
         _ImageFiles(dataset, paths), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -168,8 +181,8 @@ def _embedded_batches(model: nn.Module, dataset: Any, paths: list[str], batch_si
     try:
         with torch.no_grad(), autocast(device, amp):
             for start, images in zip(range(0, len(paths), batch_size),
-                                     tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
-                features = model.embed(images.to(device, non_blocking=True))
+                                     progress_bar(loader, desc=desc, unit="batch", leave=False, disable=not progress)):
+                features = model.embed_until(images.to(device, non_blocking=True), block)
                 yield paths[start:start + batch_size], features.tokens.to("cpu", storage_dtype), features.kept.cpu()
     finally:
         model.train(was_training)
@@ -189,6 +202,7 @@ def compute_features(
     desc: str = "embedding images",
     chunk_images: int | None = None,
     group: ProcessGroup = SINGLE_PROCESS,
+    block: int = LAST_BLOCK,
 ) -> FeatureCache:
     """The backbone features of each distinct image of ``dataset`` (batched, eval mode, no augmentation), as a ``FeatureCache``.
 
@@ -206,47 +220,54 @@ def compute_features(
             memory-mapped when they would take more than ``RAM_SHARE`` of the RAM available.
         amp: run the backbone under autocast on CUDA: ``True`` (float16) or an ``AMP_DTYPES`` name.
         num_workers: image-loading worker processes.
-        progress: progress bars, and a line on what the store held and where the features are.
+        progress: progress bars, and log lines: what the store held (the first time this process opens it,
+            and whenever images are embedded), and features memory-mapped rather than read into RAM.
         chunk_images: images a store chunk (default: about ``CHUNK_BYTES`` of tokens).
         group: the processes of a torchrun job: each embeds its share of the images (into the store,
             or gathered by every process in RAM); every process returns the whole cache.
+        block: keep the features at the input of this backbone block (``model.embed_until``): the default,
+            ``LAST_BLOCK``, is ``embed``'s stage-4 tokens; an earlier block is where a partly trained
+            backbone's frozen part ends (``finetune last:N``: block ``18 - N``).
 
     Size: ``M * N * 384 * (4 or 2)`` bytes; ``N = (S / 32)^2`` (49 at 224
-    pixels: 75 KB an image in float32).
+    pixels: 75 KB an image in float32); at an earlier block, ``feature_bytes``.
     """
     paths = list(dataset.image_paths())
     if not paths or not len(dataset):
         raise ValueError(f"{type(dataset).__name__} has no pairs to embed")
     pair_rows, labels = _pair_arrays(dataset, paths)
-    log = tqdm.write if progress and group.is_main else None
+    log = write_line if progress and group.is_main else None
     image_size = int(dataset.image_size)
     dtype_name = resolve_feature_dtype(dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
-                                       len(paths), image_size, log)
+                                       len(paths), image_size, log, block)
     storage_dtype = _torch_dtype(dtype_name)
     device = torch.device(device) if device is not None else model_device(model)
     embedding = dict(batch_size=batch_size, device=device, storage_dtype=storage_dtype, amp=amp,
-                     num_workers=num_workers, progress=progress and group.is_main, desc=desc)
+                     num_workers=num_workers, progress=progress and group.is_main, desc=desc, block=block)
 
     if not feature_dir:
         mine = share(np.arange(len(paths)), group)
         batches = list(_embedded_batches(model, dataset, [paths[i] for i in mine], **embedding))
         tokens = gather_in_order(torch.cat([batch_tokens for _, batch_tokens, _ in batches]), mine, len(paths), group)
         kept = gather_in_order(torch.cat([batch_kept for _, _, batch_kept in batches]), mine, len(paths), group)
-        return FeatureCache(paths, tokens, kept, pair_rows, labels, embedded=len(paths))
+        return FeatureCache(paths, tokens, kept, pair_rows, labels, embedded=len(paths), block=block)
 
     autocast_name = str(autocast_dtype(amp, device) or "").removeprefix("torch.") or False
     store = FeatureStore(feature_dir, FeatureStore.key_for(model, image_size, dtype_name,
-                                                           getattr(dataset, "mode", "normalized"), autocast_name))
+                                                           getattr(dataset, "mode", "normalized"), autocast_name,
+                                                           block))
     # Rank 0 holds the store open for writing (its lock) until every process's chunks are committed.
     with store.writing() if group.is_main else nullcontext():
         group.barrier()
         places, chunks = store.lookup(paths)
         missing = [path for path, place in zip(paths, places) if place is None]
-        if log is not None:
-            log(f"feature store {store.folder}: {len(paths) - len(missing)} of {len(paths)} images found"
-                + (f", embedding {len(missing)}" if missing else ", nothing to embed"))
+        if log is not None and (missing or store.folder not in _STORES_NAMED):
+            found = (f"{len(paths) - len(missing)} of {len(paths)} images found"
+                     + (f", embedding {len(missing)}" if missing else ", nothing to embed"))
+            log(f"feature store: {found}" if store.folder in _STORES_NAMED else f"feature store {store.folder}: {found}")
+            _STORES_NAMED.add(store.folder)
         if missing:
-            per_chunk = chunk_images or max(1, CHUNK_BYTES // feature_bytes(1, image_size, dtype_name))
+            per_chunk = chunk_images or max(1, CHUNK_BYTES // feature_bytes(1, image_size, dtype_name, block))
             pending: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
             mine = [missing[i] for i in share(np.arange(len(missing)), group)]
             for batch in _embedded_batches(model, dataset, mine, **embedding):
@@ -260,15 +281,14 @@ def compute_features(
             changed = [path for path, place in zip(paths, places) if place is None]
             if changed:
                 raise OSError(f"{len(changed)} image(s) changed while they were embedded, e.g. {changed[0]}: run again")
-    needed, available = feature_bytes(len(paths), image_size, dtype_name), available_memory()
+    needed, available = feature_bytes(len(paths), image_size, dtype_name, block), available_memory()
     in_ram = needed <= RAM_SHARE * available
-    n_tokens = next(iter(chunks.values())).shape[1]
-    tokens, kept = gather(places, chunks, n_tokens, in_ram)
-    if log is not None:
-        where = "read into RAM" if in_ram else f"memory-mapped from {store.folder}"
-        log(f"features of {len(paths):,} images ({format_size(needed)} {dtype_name}) {where}: "
-            f"{'under' if in_ram else 'more than'} {RAM_SHARE:.0%} of the {format_size(available)} of RAM available")
-    return FeatureCache(paths, tokens, kept, pair_rows, labels, embedded=len(missing), location=store.folder)
+    tokens, kept = gather(places, chunks, (image_size // 32) ** 2, in_ram)
+    if log is not None and not in_ram:  # in RAM is the rule, and needs no line
+        log(f"features of {len(paths):,} images ({format_size(needed)} {dtype_name}) memory-mapped from "
+            f"{store.folder}: more than {RAM_SHARE:.0%} of the {format_size(available)} of RAM available")
+    return FeatureCache(paths, tokens, kept, pair_rows, labels, embedded=len(missing), location=store.folder,
+                        block=block)
 
 
 def _commit(store: FeatureStore, pending: list[tuple[list[str], torch.Tensor, torch.Tensor]], size: int | None

@@ -21,6 +21,7 @@ from module.core.distributed import SINGLE_PROCESS, ProcessGroup
 from module.core.precision import autocast
 from module.data.epoch_order import EpochSampler, SeededItems
 from module.features.cache import CachedPairBatch, FeatureCache, pair_labels
+from module.features.store import LAST_BLOCK
 
 __all__ = ["PairDistances", "make_epoch_loader", "make_pair_loader", "pair_distances"]
 
@@ -81,8 +82,12 @@ def pair_distances(model: nn.Module, batch: Any, device: torch.device, amp: bool
     passes, then ``compare``; ``compare`` runs outside autocast, and the EMD in float64.
     """
     if isinstance(batch, CachedPairBatch):
-        distance = model.compare(batch.ref.to(device), batch.query.to(device))
-        return distance, batch.labels.to(device)
+        ref, query = batch.ref.to(device), batch.query.to(device)
+        if batch.block != LAST_BLOCK:  # features where the frozen part ends: the trained blocks finish them
+            with autocast(device, amp):  # stored float16 features enter the blocks as float32 (or autocast's)
+                ref = model.embed_from(ref.to(dtype=torch.float32), batch.block)
+                query = model.embed_from(query.to(dtype=torch.float32), batch.block)
+        return model.compare(ref, query), batch.labels.to(device)
     pairs, labels = batch
     pairs = pairs.to(device, non_blocking=True)
     with autocast(device, amp):

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.dsnet.dsnet import DEPTHS, token_shape
 from models.weights import weights_fingerprint
 from module.core.io import TEMPORARY_SUFFIX, atomic_write, atomic_write_text
 from module.core.wording import option
@@ -62,7 +63,7 @@ except ImportError:  # not on Linux or macOS: no file locks, only the age rule r
     fcntl = None
 
 __all__ = [
-    "CHUNK_BYTES", "DAMAGED_FOLDER", "LOCK_FILE", "RAM_SHARE", "ChunkedTokens", "FeatureStore", "available_memory",
+    "CHUNK_BYTES", "DAMAGED_FOLDER", "LAST_BLOCK", "LOCK_FILE", "RAM_SHARE", "ChunkedTokens", "FeatureStore", "available_memory",
     "feature_bytes", "file_sha256", "format_size", "gather", "resolve_feature_dtype",
 ]
 
@@ -75,7 +76,7 @@ RAM_SHARE = 0.4
 # A chunk's tokens without its JSON, or a temporary file, older than this, come from an interrupted write even when
 # another process writes the store too (a live write renames its tokens and writes its JSON within seconds).
 ORPHAN_AGE_S = 3600
-TOKEN_DIM = 384
+LAST_BLOCK = sum(DEPTHS)  # features at its input are the stage-4 tokens, what ``embed`` gives
 LOCK_FILE = "store.lock"
 DAMAGED_FOLDER = "damaged"
 _HASH_BLOCK = 2**20  # bytes read at a time while hashing a chunk's tokens
@@ -84,9 +85,11 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NO_FILE_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
 
-def feature_bytes(n_images: int, image_size: int, dtype: str) -> int:
-    """Bytes of the stage-4 tokens of ``n_images`` at ``image_size`` pixels: ``n * (S/32)^2 * 384 * (4 or 2)``."""
-    return n_images * (image_size // 32) ** 2 * TOKEN_DIM * np.dtype(dtype).itemsize
+def feature_bytes(n_images: int, image_size: int, dtype: str, block: int = LAST_BLOCK) -> int:
+    """Bytes of the features of ``n_images`` at ``image_size`` pixels at the input of ``block``: the stage-4 tokens
+    (``block`` 15-18) take ``n * (S/32)^2 * 384 * (4 or 2)``; see ``models.dsnet.dsnet.token_shape``."""
+    n_tokens, channels = token_shape(image_size, block)
+    return n_images * n_tokens * channels * np.dtype(dtype).itemsize
 
 
 def available_memory() -> int:
@@ -105,12 +108,13 @@ def format_size(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
-def resolve_feature_dtype(dtype: str, n_images: int, image_size: int, log: Callable[[str], None] | None = None) -> str:
-    """``dtype``, with ``"auto"`` resolved: float32, or float16 when float32 features would pass ``RAM_SHARE`` of the
-    RAM available."""
+def resolve_feature_dtype(dtype: str, n_images: int, image_size: int, log: Callable[[str], None] | None = None,
+                          block: int = LAST_BLOCK) -> str:
+    """``dtype``, with ``"auto"`` resolved: float32, or float16 when float32 features (at the input of ``block``)
+    would pass ``RAM_SHARE`` of the RAM available."""
     if dtype != "auto":
         return dtype
-    needed, available = feature_bytes(n_images, image_size, "float32"), available_memory()
+    needed, available = feature_bytes(n_images, image_size, "float32", block), available_memory()
     if needed <= RAM_SHARE * available:
         return "float32"
     if log is not None:
@@ -225,11 +229,17 @@ class FeatureStore:
         self._tokens: dict[str, np.ndarray] = {}
 
     @staticmethod
-    def key_for(model: nn.Module, image_size: int, dtype: str, mode: str, autocast: bool | str) -> dict[str, Any]:
-        """The key of features from ``model``'s backbone (``model.model``) at ``image_size`` in ``dtype``."""
+    def key_for(model: nn.Module, image_size: int, dtype: str, mode: str, autocast: bool | str,
+                block: int = LAST_BLOCK) -> dict[str, Any]:
+        """The key of features from ``model``'s backbone (``model.model``) at ``image_size`` in ``dtype``, at the
+        input of ``block`` (``LAST_BLOCK``: the stage-4 tokens, keyed on the whole backbone as they always were;
+        an earlier block: keyed on the weights before it alone, which stay frozen while the rest trains)."""
         backbone = getattr(model, "model", model)
-        return {"backbone": weights_fingerprint(backbone.state_dict()), "image_size": int(image_size), "dtype": dtype,
-                "preprocessing": CACHE_VERSION, "mode": mode, "autocast": autocast, "format": STORE_FORMAT}
+        key = {"backbone": weights_fingerprint(backbone.state_dict()), "image_size": int(image_size), "dtype": dtype,
+               "preprocessing": CACHE_VERSION, "mode": mode, "autocast": autocast, "format": STORE_FORMAT}
+        if block != LAST_BLOCK:
+            key.update(backbone=weights_fingerprint(backbone.state_dict_until(block)), block=block)
+        return key
 
     # ------------------------------------------------------------------ reading
 

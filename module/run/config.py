@@ -22,7 +22,22 @@ from module.data.datasets import DATASETS
 if TYPE_CHECKING:  # imported where needed: the command line builds its options from this class before loading torch
     import torch
 
-__all__ = ["ConfigError", "FinetuneConfig"]
+__all__ = ["BACKBONE_BLOCKS", "ConfigError", "FinetuneConfig", "trained_blocks"]
+
+BACKBONE_BLOCKS = 18  # DSNet's num_blocks (stages of 3, 3, 9 and 3); not imported: this module loads without torch
+
+
+def trained_blocks(finetune: str) -> int | None:
+    """The backbone blocks a ``finetune`` setting trains: 0 (``head``), N (``last:N``), all 18 (``all``);
+    ``None`` when the setting is not one of those."""
+    if finetune == "head":
+        return 0
+    if finetune == "all":
+        return BACKBONE_BLOCKS
+    count = finetune.removeprefix("last:")
+    if finetune.startswith("last:") and count.isdigit() and 1 <= int(count) <= BACKBONE_BLOCKS:
+        return int(count)
+    return None
 
 
 class ConfigError(InputError):
@@ -55,15 +70,23 @@ class FinetuneConfig:
     dataset: str = _setting("cedar", "dataset layout", tuple(DATASETS))
     data_root: str = _setting("", "folder holding the scans and the gray_{train,val,test}.txt pair files")
     pretrained: str = _setting("", "DetailSemNet weights for build_model: a .pth file (empty: a fresh backbone)")
+    init_from: str = _setting("", "start from any checkpoint's tensors whose names and shapes match (an ImageNet "
+                                  "backbone, say; a 3-channel first convolution is adapted to 1), the rest fresh; "
+                                  "what was loaded, adapted, skipped and left fresh is printed")
     ckpt_dir: str = _setting("checkpoints", "run folder: epoch_NNNN.pt, best.pt, metrics, plots (on Google Drive in Colab)")
     image_size: int = _setting(224, "model input side in pixels, a multiple of 32 (224 for the authors' weights)")
     num_workers: int = _setting(0, "image-loading worker processes (2 helps on a GPU machine)")
     cache_dir: str = _setting("", "folder of preprocessed images, reused while a scan is unchanged (empty: none); "
                                   "saves the preprocessing on the per-pair path and when features are embedded")
     # what trains
-    fast_head_only: bool = _setting(True, "embed each image once and train head_str on the cached features (no "
-                                          "augmentation); off: every pair through the backbone each epoch, augmented")
-    unfreeze_blocks: int = _setting(0, "also train the backbone's last N blocks (on the per-pair path: fast_head_only off)")
+    fast_head_only: bool = _setting(True, "embed each image once through the backbone's frozen part and train on "
+                                          "the stored features, without augmentation (finetune head or last:N); "
+                                          "off: every pair through the whole backbone each epoch, augmented")
+    finetune: str = _setting("head", "what trains: head (head_str alone), last:N (also the backbone's last N of its "
+                                     "18 blocks and its final norm), all (every parameter, patch embeddings and "
+                                     "BatchNorms included; on the per-pair path)")
+    unfreeze_blocks: int = _setting(0, "the same as finetune last:N, for notebooks written before finetune (0: as "
+                                       "finetune says)")
     # optimisation (AdamW; learning rates per epoch, see the class docstring)
     epochs: int = _setting(10, "epochs to train")
     batch_size: int = _setting(32, "training pairs per optimizer step")
@@ -71,11 +94,15 @@ class FinetuneConfig:
                                                  "pairs, with the genuine/forgery ratio of all of them (seeded, the "
                                                  "same after a resume); 0: every pair, every epoch")
     lr: float = _setting(4e-4, "peak learning rate of head_str (the warm-up climbs to it)")
-    lr_blocks: float = _setting(4e-5, "peak learning rate of the unfrozen backbone blocks")
+    lr_blocks: float = _setting(4e-5, "peak learning rate of the trained backbone parameters (finetune last:N or all)")
     weight_decay: float = _setting(1e-4, "AdamW weight decay (biases and 1-D parameters get none)")
     warmup_epochs: int = _setting(1, "epochs of linear warm-up before the cosine")
     warmup_multiplier: float = _setting(4.0, "the warm-up starts at lr / warmup_multiplier (1: from 0)")
-    amp: bool = _setting(False, "mixed precision (autocast) for the backbone on CUDA; the EMD stays float64")
+    grad_accumulation: int = _setting(1, "batches whose gradients add up before each optimizer step: the effective "
+                                         "batch is batch_size x grad_accumulation pairs (a large batch on a small GPU)")
+    clip_grad_norm: float = _setting(0.0, "clip the gradient's total norm to this before each optimizer step (0: no "
+                                          "clipping)")
+    amp: bool = _setting(False, "mixed precision (autocast) for the backbone on CUDA; the EMD runs outside it")
     amp_dtype: str = _setting("float16", "the autocast dtype: float16 (with a gradient scaler) or bfloat16 (no scaler "
                                          "needed; Ampere and newer GPUs)", ("float16", "bfloat16"))
     # model selection and early stopping, on the validation set
@@ -130,17 +157,41 @@ class FinetuneConfig:
         check(self.max_train_pairs_per_epoch >= 0, "max_train_pairs_per_epoch", "must be >= 0 (0: every pair)")
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
-        check(self.unfreeze_blocks >= 0, "unfreeze_blocks", "must be >= 0")
-        if self.fast_head_only and self.unfreeze_blocks:
+        check(self.grad_accumulation >= 1, "grad_accumulation", "must be >= 1")
+        check(math.isfinite(self.clip_grad_norm) and self.clip_grad_norm >= 0, "clip_grad_norm",
+              "must be a finite number >= 0 (0: no clipping)")
+        problems.extend(self._settle_finetune())
+        if self.pretrained and self.init_from:
+            problems.append(f"{option('pretrained')} loads a whole DetailSemNet and {option('init_from')} starts from "
+                            f"part of another: give one of them")
+        if self.fast_head_only and self.finetune == "all":
             problems.append(
-                f"{option('fast_head_only')} caches backbone features, so the backbone must stay frozen: set "
-                f"{option('unfreeze_blocks', 0)}, or {option('fast_head_only', False)} to train the last blocks on the "
-                "per-pair path"
+                f"{option('fast_head_only')} stores the features of the backbone's frozen part, and "
+                f"{option('finetune', 'all')} freezes nothing: set {option('fast_head_only', False)} to train the "
+                f"whole model on the per-pair path, or {option('finetune', 'last:3')} to train stage 4 on stored features"
             )
         check(self.image_size >= 32 and self.image_size % 32 == 0, "image_size", "must be a positive multiple of 32")
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "must be auto, cpu or cuda[:n]")
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
+
+    def _settle_finetune(self) -> list[str]:
+        """Make ``finetune`` and its older spelling ``unfreeze_blocks`` say the same; return the problems found."""
+        if self.unfreeze_blocks < 0:
+            return [f"{option('unfreeze_blocks')} must be >= 0, got {self.unfreeze_blocks!r}"]
+        if self.unfreeze_blocks and self.finetune == "head":
+            self.finetune = f"last:{self.unfreeze_blocks}"
+        blocks = trained_blocks(self.finetune)
+        if blocks is None:
+            return [f"{option('finetune')} must be head, last:N (N from 1 to {BACKBONE_BLOCKS}) or all; "
+                    f"got {self.finetune!r}"]
+        if self.unfreeze_blocks and self.unfreeze_blocks != blocks:
+            return [f"{option('unfreeze_blocks')}={self.unfreeze_blocks} and {option('finetune')}={self.finetune} "
+                    f"say different things: set only {option('finetune')}"]
+        if self.finetune.startswith("last:"):
+            self.finetune = f"last:{blocks}"  # "last:03" is "last:3"
+        self.unfreeze_blocks = blocks if self.finetune.startswith("last:") else 0
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (str, int, float, bool values)."""

@@ -16,14 +16,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from models.fine_tune_utils import build_optimizer_for_head_only, setup_head_only_finetune, unfreeze_last_blocks
+from models.fine_tune_utils import (
+    build_optimizer_for_head_only,
+    setup_head_only_finetune,
+    train_whole_model,
+    unfreeze_last_blocks,
+)
 from models.weights import CheckpointError
 from module.core.distributed import SINGLE_PROCESS, ProcessGroup, broadcast_from_main, current_group, join_process_group
 from module.core.precision import autocast_dtype
+from module.core.progress import write_line
 from module.core.wording import format_metric, option, rerun_hint
-from module.features.store import resolve_feature_dtype
+from module.features.store import LAST_BLOCK, resolve_feature_dtype
 from module.run.checkpoint import (
     BEST_CHECKPOINT,
     apply_checkpoint,
@@ -51,16 +56,17 @@ __all__ = ["HISTORY_KEYS", "RESUME_MUST_MATCH", "TrainingRun", "commit_epoch", "
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_eer", "val_auc", "val_accuracy", "lr", "seconds")
 # Settings that shape the optimisation: a checkpoint resumes only under the same values.
 RESUME_MUST_MATCH = (
-    "dataset", "image_size", "fast_head_only", "unfreeze_blocks", "epochs", "batch_size", "lr", "lr_blocks",
+    "dataset", "image_size", "fast_head_only", "finetune", "unfreeze_blocks", "epochs", "batch_size", "lr", "lr_blocks",
     "weight_decay", "warmup_epochs", "warmup_multiplier", "amp", "select_metric", "feature_dtype", "seed",
-    "emd", "dis_type", "mar_type", "gol_dis", "temp", "max_train_pairs_per_epoch", "amp_dtype",
+    "emd", "dis_type", "mar_type", "gol_dis", "temp", "max_train_pairs_per_epoch", "amp_dtype", "grad_accumulation",
+    "clip_grad_norm",
 )
 
 
 def log(message: str) -> None:
-    """Print a line of the run's log; tqdm.write prints above running progress bars; under torchrun rank 0 speaks."""
+    """Print a line of the run's log; write_line prints above running progress bars; under torchrun rank 0 speaks."""
     if current_group().is_main:
-        tqdm.write(message)
+        write_line(message)
 
 
 @dataclass
@@ -133,9 +139,10 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
     """Freeze, build the optimizer, schedule and AMP scaler, and resume from ``config.ckpt_dir`` when it holds a checkpoint.
 
     The model is moved to ``config.resolved_device()``; ``head_str`` trains
-    (AdamW, peak ``config.lr``), plus the last ``config.unfreeze_blocks``
-    backbone blocks (peak ``config.lr_blocks``); the frozen part stays in eval
-    mode. The schedule is ``GradualWarmupScheduler`` then
+    (AdamW, peak ``config.lr``), plus what ``config.finetune`` adds at peak
+    ``config.lr_blocks``: the last N backbone blocks and the final norm
+    (``last:N``), or every other parameter (``all``); the frozen part stays in
+    eval mode. The schedule is ``GradualWarmupScheduler`` then
     ``CosineAnnealingLR`` (see ``FinetuneConfig``). Holding the run folder's
     lock, it removes what interrupted writes left there; then, with
     ``resume`` and a checkpoint that verifies (damaged ones are skipped with
@@ -155,8 +162,12 @@ def prepare_run(model: nn.Module, config: FinetuneConfig, resume: bool = True) -
     setup_head_only_finetune(model)
     # The optimizer's base rates are where the warm-up starts; the scheduler multiplies them up to the peak.
     start = 1 / config.warmup_multiplier
-    block_groups = unfreeze_last_blocks(model, config.unfreeze_blocks, config.lr_blocks * start) \
-        if config.unfreeze_blocks else []
+    if config.finetune == "all":
+        block_groups = train_whole_model(model, config.lr_blocks * start)
+    elif config.unfreeze_blocks:
+        block_groups = unfreeze_last_blocks(model, config.unfreeze_blocks, config.lr_blocks * start)
+    else:
+        block_groups = []
     optimizer = build_optimizer_for_head_only(model, config.lr * start, config.weight_decay, param_groups=block_groups)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs - config.warmup_epochs)
     scheduler = GradualWarmupScheduler(optimizer, config.warmup_multiplier, config.warmup_epochs, after_scheduler=cosine)
@@ -196,16 +207,17 @@ def record_epoch(run: TrainingRun, epoch: int, train_loss: float | None, lr: flo
     return improved
 
 
-def settle_feature_dtype(run: TrainingRun, datasets: Iterable[Any]) -> str:
+def settle_feature_dtype(run: TrainingRun, datasets: Iterable[Any], block: int = LAST_BLOCK) -> str:
     """Settle ``feature_dtype="auto"`` for the whole run, once, and keep it in ``run.config`` (so every checkpoint
     holds it and a resume adopts it, whatever RAM it then finds); returns the dtype.
 
     ``auto`` is float32, or float16 when the float32 features of the ``datasets``' distinct images would take
-    more than ``RAM_SHARE`` of the RAM available (rank 0 decides for a torchrun job).
+    more than ``RAM_SHARE`` of the RAM available (rank 0 decides for a torchrun job); the features are those at
+    the input of backbone block ``block`` (``compute_features``).
     """
     if run.config.feature_dtype == "auto":
         n_images = len({path for data in datasets for path in data.image_paths()})
-        chosen = broadcast_from_main(resolve_feature_dtype("auto", n_images, run.config.image_size, log), run.group)
+        chosen = broadcast_from_main(resolve_feature_dtype("auto", n_images, run.config.image_size, log, block), run.group)
         run.config = dataclasses.replace(run.config, feature_dtype=chosen)
     return run.config.feature_dtype
 
@@ -223,8 +235,10 @@ def continue_run(run: TrainingRun, point: ResumePoint, must_match: Sequence[str]
     if run.config.feature_dtype == "auto":  # a resumed run keeps the dtype its first epoch settled on
         run.config = dataclasses.replace(run.config, feature_dtype=checkpoint["config"]["feature_dtype"])
     current = run.config.to_dict()
-    differences = [f"{key}: checkpoint {checkpoint['config'].get(key)!r}, now {current[key]!r}"
-                   for key in must_match if checkpoint["config"].get(key) != current[key]]
+    # Through the dataclass: a setting newer than the checkpoint takes its default, which is what the run did then.
+    saved = FinetuneConfig.from_dict(checkpoint["config"]).to_dict()
+    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+                   for key in must_match if saved.get(key) != current[key]]
     if differences:
         raise RunFolderError(
             f"{point.path} was written with other settings, so it cannot continue under these:\n  "
@@ -245,7 +259,7 @@ def continue_run(run: TrainingRun, point: ResumePoint, must_match: Sequence[str]
     if not current_group().is_main:
         return
     if sync_best_checkpoint(run.ckpt_dir, point.best_source):
-        tqdm.write(f"{run.ckpt_dir / BEST_CHECKPOINT} made again from {point.best_source.name} "
+        write_line(f"{run.ckpt_dir / BEST_CHECKPOINT} made again from {point.best_source.name} "
                    "(it was missing, stale or damaged)")
     prune_checkpoints(run.ckpt_dir, run.config.keep_last, [run.best_epoch], current_epoch=run.epoch)
 
@@ -259,7 +273,7 @@ def reload_after_interruption(run: TrainingRun, must_match: Sequence[str] = RESU
     interrupted, run.uncommitted_epoch = run.uncommitted_epoch, None
     point = find_resume_point(run.ckpt_dir)
     if point is not None:
-        tqdm.write(f"epoch {interrupted} was interrupted: continuing from the last checkpoint, {point.path.name}, "
+        write_line(f"epoch {interrupted} was interrupted: continuing from the last checkpoint, {point.path.name}, "
                    "not from the model in memory")
         continue_run(run, point, must_match)
     elif interrupted == 0:  # only the untrained model's validation was lost: nothing has trained yet

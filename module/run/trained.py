@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from model_v3 import ViT_for_OSV_DSNet, load_pretrained
+from model_v3 import ViT_for_OSV_DSNet, init_from, load_pretrained
 from models.errors import InputError
 from models.weights import CheckpointError, CheckpointMismatchError, recorded_checksum
 from module.core.wording import option, rerun_hint, step
@@ -26,6 +26,7 @@ from module.run.checkpoint import BEST_CHECKPOINT, frozen_fingerprint, load_trai
 from module.run.config import FinetuneConfig
 from module.run.folder import BEST_WEIGHTS, RunFolderError
 from module.run.rng import seed_everything
+from module.run.state import log
 
 __all__ = ["EVALUATED_SPLITS", "build_datasets", "build_model", "load_trained_model", "read_run_checkpoint",
            "rebuild_trained_model", "run_threshold"]
@@ -38,13 +39,17 @@ def build_model(config: FinetuneConfig, pretrained: str | Path | None = None) ->
     """``ViT_for_OSV_DSNet(config)`` seeded with ``config.seed``, with pretrained weights, on ``config``'s device.
 
     ``pretrained``: a weights file (``load_pretrained``, ``strict=True``);
-    ``None`` takes ``config.pretrained``; empty means a fresh backbone.
+    ``None`` takes ``config.pretrained``; empty means a fresh backbone, or
+    ``config.init_from``'s matching tensors (``init_from``; what was loaded,
+    adapted, skipped and left fresh is logged).
     """
     seed_everything(config.seed)
     model = ViT_for_OSV_DSNet(config)
     source = pretrained if pretrained is not None else config.pretrained
     if source:
         load_pretrained(model, source, strict=True)
+    elif config.init_from:
+        log(init_from(model, config.init_from).summary(config.init_from))
     return model.to(config.resolved_device())
 
 
