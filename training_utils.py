@@ -117,7 +117,7 @@ __all__ = [
     "find_latest_checkpoint", "epoch_checkpoint_path", "export_state_dict", "CheckpointError", "RunFolderError",
     "lock_run_folder",
     "setup_head_only_finetune", "print_trainable_params", "build_optimizer_for_head_only", "unfreeze_last_blocks",
-    "train_whole_model", "pretrain", "PRETRAINED_FILE",
+    "train_whole_model", "pretrain",
 ]
 
 
