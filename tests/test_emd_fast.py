@@ -268,13 +268,17 @@ def test_max_iter_is_each_pairs_own_cap() -> None:
 # --- float32 details ------------------------------------------------------------------------------------------------
 
 
-def test_float32_pairs_near_the_threshold_are_redone_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a band that takes in every decision, every float32 pair is computed in float64."""
+@pytest.mark.parametrize("banded", [(torch.float32,), (torch.float32, torch.float64)])
+def test_float32_pairs_near_the_threshold_are_redone_in_float64(banded: tuple[torch.dtype, ...],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a band that takes in every decision, every float32 pair is computed in float64: by the scaling form,
+    or (its band as wide) in the log domain."""
     query, reference = features(9)
     cost = pairwise_cost(query, reference, "cos")
     rows, cols = masks(9)
     float64 = distance_and_gradient(sinkhorn_emd, cost, rows, cols, SINKHORN_EPS_TRAIN)
-    monkeypatch.setattr(emd._Scaling, "decision_band", 1e9)
+    for dtype in banded:
+        monkeypatch.setitem(emd._DECISION_BAND, dtype, 1e9)
     redone = distance_and_gradient(sinkhorn_emd, cost, rows, cols, SINKHORN_EPS_TRAIN, dtype=torch.float32)
     # float64's plan, rounded to float32 before the sum and the gradient's last steps.
     assert_distances_close(redone[0], float64[0], rtol=1e-6)
