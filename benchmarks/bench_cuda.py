@@ -9,10 +9,11 @@ GPU's name. Stages:
   1. embed: images/s of ``model.embed`` (a fresh backbone, batch 64) in
      float32 and under autocast in float16 and bfloat16 (bfloat16 only where
      the GPU has it);
-  2. Sinkhorn: ms per batch of 64 pairs of ``sinkhorn_emd`` on tokens of real
-     synthetic images, at the training and the evaluation epsilon, checking
-     convergence every iteration (a device-to-host sync each time) and every
-     10th; the distances must be equal;
+  2. Sinkhorn: ms and host syncs per batch of 64 pairs of ``sinkhorn_emd`` on
+     tokens of synthetic images, at the training and the evaluation epsilon:
+     checking convergence every iteration, at the model's interval (every 8th
+     in training, float32; every 2nd in evaluation) and the padded float64
+     implementation it replaced; the first two distances must be equal;
   3. training: ``finetune.py train`` on a CEDAR-shaped synthetic corpus
      (``--writers`` writers, 24 genuine and 24 forged each): the per-pair path
      (``--amp``: float16 autocast, an epoch of 2,000 pairs) in pairs/s, and the fast
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -97,10 +99,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
 
-    from model_v3 import SINKHORN_EPS_EVAL, SINKHORN_EPS_TRAIN, ViT_for_OSV_DSNet
+    from bench_sinkhorn import counted_syncs
+
+    from model_v3 import SINKHORN_CHECK_EVERY_TRAIN, SINKHORN_EPS_EVAL, SINKHORN_EPS_TRAIN, ViT_for_OSV_DSNet
     from models.emd import pairwise_cost, sinkhorn_emd
     from module.core.precision import AMP_DTYPES
     from prepare_datasets import ensure_pair_files, make_synthetic_dataset
+    from tests.test_emd_fast import padded_sinkhorn_emd
 
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -130,14 +135,23 @@ def main() -> None:
         cost = pairwise_cost(query, reference, model.dis_type)
         for eps_name, eps in (("training", SINKHORN_EPS_TRAIN), ("evaluation", SINKHORN_EPS_EVAL)):
             distances = {}
-            for check_every in (1, 10):
-                def emd(check_every: int = check_every, eps: float = eps) -> torch.Tensor:
-                    return sinkhorn_emd(cost, features.kept.roll(1, 0), features.kept, eps=eps, check_every=check_every)
-                distances[check_every] = emd()
+            # The model's settings (float32 and every 8th iteration in training), every iteration, and the padded
+            # float64 implementation this replaced (tests/test_emd_fast.py).
+            training = eps == SINKHORN_EPS_TRAIN
+            variants = {f"check every {every}": partial(sinkhorn_emd, check_every=every, dtype=torch.float32
+                                                       if training else torch.float64)
+                        for every in ((1, SINKHORN_CHECK_EVERY_TRAIN) if training else (1, 2))}
+            variants["padded float64"] = padded_sinkhorn_emd
+            for variant, function in variants.items():
+                def emd(function=function, eps: float = eps) -> torch.Tensor:
+                    return function(cost, features.kept.roll(1, 0), features.kept, eps=eps)
+                with counted_syncs() as syncs:
+                    distances[variant] = emd()
                 seconds = timed(emd, device, repeats=20)
-                rows.append((f"Sinkhorn, ms a batch of 64 pairs, {eps_name} eps, check every {check_every}",
-                             f"{1000 * seconds:.2f}"))
-            assert torch.equal(distances[1], distances[10]), "checking less often changed a distance"
+                rows.append((f"Sinkhorn, ms a batch of 64 pairs, {eps_name} eps, {variant}", f"{1000 * seconds:.2f}"))
+                rows.append((f"Sinkhorn, host syncs a batch, {eps_name} eps, {variant}", str(sum(syncs.values()))))
+            first, second = list(distances.values())[:2]
+            assert torch.equal(first, second), "checking less often changed a distance"
 
     rows += [(label, f"{value:,.1f}") for label, value in training_figures(corpus, work, device, args.image_size).items()]
     print(f"{name}, torch {torch.__version__}, {args.image_size} px, {args.writers} writers\n")
