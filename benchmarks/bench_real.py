@@ -23,7 +23,8 @@ the same test pairs:
 ``--minutes`` is the budget of the whole ladder, pre-training included (a
 ``--pretrained-file`` skips it, and the table says so). Each trained rung
 gets a share of it: a probe of two training steps gives the seconds a pair,
-and the rung's epochs take as many pairs as its share allows. Prints one
+one batch of embeddings the seconds its validation and tests will take, and
+the rung's epochs take as many pairs as what is left of its share allows. Prints one
 markdown table and writes ``DIR/ladder.json``: a list of ``{"name",
 "test_eer", "test_auc", "writer_eer", "seconds"}`` (EERs as fractions;
 ``writer_eer`` with each writer's own threshold).
@@ -116,14 +117,32 @@ def seconds_a_pair(config: FinetuneConfig, train_set) -> float:
                                                for batch in batches)
 
 
+def seconds_an_image(config: FinetuneConfig, dataset) -> float:
+    """Evaluation seconds an image (its embedding; comparing the pairs after it is ~1 % of that here), from one
+    batch of ``dataset``'s scans through a fresh model."""
+    model = build_model(dataclasses.replace(config, pretrained="", init_from="")).eval()
+    paths = dataset.image_paths()[:config.eval_batch_size]
+    images = torch.stack([load_signature(path, config.image_size) for path in paths]).to(config.resolved_device())
+    with torch.no_grad():
+        model.embed(images[:2])  # warm-up
+        start = time.perf_counter()
+        model.embed(images)
+    return (time.perf_counter() - start) / len(paths)
+
+
 def trained_rung(name: str, config: FinetuneConfig, datasets: dict, budget_s: float) -> dict:
     start = time.perf_counter()
     pair_seconds = seconds_a_pair(config, datasets["train"])
-    # Validation, evaluation and the one-off embedding take about a fifth of a rung on these sizes.
-    pairs = int(0.8 * (budget_s - (time.perf_counter() - start)) / EPOCHS / pair_seconds)
+    # What the rung spends besides training: validation each epoch and the test before and after, an embedding
+    # per image each time.
+    evaluation_s = seconds_an_image(config, datasets["val"]) * (
+        EPOCHS * len(datasets["val"].image_paths()) + 2 * len(datasets["test"].image_paths()))
+    left = budget_s - (time.perf_counter() - start) - evaluation_s
+    pairs = int(0.9 * left / EPOCHS / pair_seconds)
     pairs = max(config.batch_size, min(pairs, len(datasets["train"])))
     config = dataclasses.replace(config, epochs=EPOCHS, max_train_pairs_per_epoch=pairs)
-    print(f"{name}: {pair_seconds * 1e3:.0f} ms a training pair -> {EPOCHS} epochs of {pairs} pairs", file=sys.stderr)
+    print(f"{name}: {pair_seconds * 1e3:.0f} ms a training pair, {evaluation_s:.0f} s of evaluation -> {EPOCHS} "
+          f"epochs of {pairs} pairs", file=sys.stderr)
     result = train_and_report(config, datasets=datasets, progress=False)
     return row(name, result.metrics["test"], time.perf_counter() - start, f"{EPOCHS} x {pairs} pairs")
 
@@ -137,13 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained-file", type=Path, help="skip pre-training: use this pretrain output")
     parser.add_argument("--writers", type=int, default=200, help="synthetic pre-training writers (default 200)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:n]")
+    parser.add_argument("--amp-dtype", choices=("none", "float16", "bfloat16"), default="none",
+                        help="autocast the backbone on CUDA (default none)")
     args = parser.parse_args(argv)
     began = time.perf_counter()
     budget = 60 * args.minutes
     data = link_data(args.data_root, args.out)
     base = FinetuneConfig(dataset="cedar", data_root=str(data), image_size=args.image_size, batch_size=16,
-                          eval_batch_size=64, device="auto", seed=args.seed, warmup_epochs=1, patience=EPOCHS,
-                          lr=4e-3, lr_blocks=1e-4, feature_dir=str(args.out / "features"))
+                          eval_batch_size=64, device=args.device, seed=args.seed, warmup_epochs=1, patience=EPOCHS,
+                          lr=4e-3, lr_blocks=1e-4, feature_dir=str(args.out / "features"),
+                          amp=args.amp_dtype != "none",
+                          amp_dtype=args.amp_dtype if args.amp_dtype != "none" else "float16")
     datasets = build_datasets(base)
     rows = [hog_rung(datasets["test"], args.image_size)]
 
