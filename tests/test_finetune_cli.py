@@ -1,11 +1,16 @@
 """finetune.py on tiny synthetic corpora: each subcommand as a user runs it (a subprocess), and each bad input
-(in this process, through ``finetune.main``: the same code without a Python start-up and torch import a case)."""
+(in this process, through ``finetune.main``: the same code without a Python start-up and torch import a case). A
+command that a test runs again, or whose point is not the process (a 16-bit scan, writer-level figures), runs in
+this process too, its warnings on its stderr as the command prints them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import main_printing_warnings
 
 import finetune as finetune_cli
 from module.data.datasets import pair_kind
@@ -33,8 +39,11 @@ TINY_TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "16", "-
 
 
 def finetune(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``finetune.py`` in a process of its own, with this process's torch threads (the float sums of its numbers are
+    those of the same command in this process, which some tests compare them with)."""
     return subprocess.run(
         [sys.executable, str(ROOT / "finetune.py"), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
 
 
@@ -58,11 +67,14 @@ def assert_decision_follows_the_threshold(output: str) -> None:
 
 @pytest.fixture
 def in_process(capsys):
-    """``finetune.main(args)`` in this process, as a ``CompletedProcess`` (exit status, stdout, stderr)."""
-    def run(*args: str | Path) -> subprocess.CompletedProcess:
-        code = finetune_cli.main([str(arg) for arg in args])
+    """``finetune.main(args)`` in this process, as a ``CompletedProcess`` (exit status, stdout, stderr). With
+    ``show_warnings=True`` its warnings are on its stderr first, as the command prints them, instead of pytest's."""
+    def run(*args: str | Path, show_warnings: bool = False) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        argv = [str(arg) for arg in args]
+        code, shown = main_printing_warnings(argv) if show_warnings else (finetune_cli.main(argv), "")
         captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+        return subprocess.CompletedProcess(args, code, captured.out, shown + captured.err)
     return run
 
 
@@ -243,14 +255,14 @@ def test_evaluate_and_verify_a_run(demo_run: Path, in_process, tmp_path: Path) -
     assert again.logistic == pytest.approx(calibration.logistic, rel=1e-6)
 
 
-def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Path) -> None:
+def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Path, in_process) -> None:
     from PIL import Image
 
     twin = np.asarray(Image.open(demo_run / "data/full_org/original_1_1.png"))  # grey paper: not 0 to 255
     Image.fromarray(twin).save(tmp_path / "reference_8bit.png")
     Image.fromarray(twin.astype(np.uint16) * 257).save(tmp_path / "reference_16bit.tif")
     query = demo_run / "data/full_forg/forgeries_1_1.png"
-    eight, sixteen = (finetune("verify", tmp_path / name, query, "--run", demo_run)
+    eight, sixteen = (in_process("verify", tmp_path / name, query, "--run", demo_run)
                       for name in ("reference_8bit.png", "reference_16bit.tif"))
     assert eight.returncode == 0 and sixteen.returncode == 0, eight.stderr[-2000:] + sixteen.stderr[-2000:]
     # The same distance and decision; only the reference's file name differs.
@@ -258,11 +270,14 @@ def test_a_16_bit_scan_verifies_like_its_8_bit_twin(demo_run: Path, tmp_path: Pa
     assert "distance" in eight.stdout
 
 
-def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> None:
-    for _ in range(2):  # the second time the files are checked and kept; a relative root, as people type it
-        result = finetune("prepare", "cedar", corpus.name, "--val-ratio", "0.2", cwd=corpus.parent)
+def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path, in_process, monkeypatch) -> None:
+    # The second time (in this process) the files are checked and kept; a relative root, as people type it.
+    monkeypatch.chdir(corpus.parent)
+    for result in (finetune("prepare", "cedar", corpus.name, "--val-ratio", "0.2", cwd=corpus.parent),
+                   in_process("prepare", "cedar", corpus.name, "--val-ratio", "0.2", show_warnings=True)):
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.count("OK") == 3 and not result.stderr
+    monkeypatch.undo()
     assert all((corpus / f"gray_{split}.txt").is_file() for split in ("train", "val", "test"))
 
     out = tmp_path / "run"
@@ -273,14 +288,14 @@ def test_prepare_train_resume_and_start_over(corpus: Path, tmp_path: Path) -> No
 
     # Stopped during epoch 2: the same command continues from epoch 1, to the same weights.
     (out / "epoch_0002.pt").unlink()
-    result = finetune("train", "cedar", corpus, "--out", out, *TINY_TRAINING)
+    result = in_process("train", "cedar", corpus, "--out", out, *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "after epoch 1" in result.stderr + result.stdout
     assert history_of(out / "epoch_0002.pt") == [0, 1, 2]
     assert torch.equal(torch.load(out / "epoch_0002.pt", weights_only=True)["trained_state_dict"]["head_str.weight"],
                        final_weights)
 
-    result = finetune("train", "cedar", corpus, "--out", out, "--no-resume", *TINY_TRAINING)
+    result = in_process("train", "cedar", corpus, "--out", out, "--no-resume", *TINY_TRAINING)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "new run" in result.stderr + result.stdout
     (previous,) = out.glob("previous-*")  # the earlier run's checkpoints and report, with their checksums
@@ -346,15 +361,17 @@ def gpds_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subp
     warning, error = folder_split.stderr.strip().splitlines()
     assert folder_split.returncode == 1 and error.startswith("error: ") and "--resplit" in error
     assert warning.startswith("warning: 1 writer(s) appear in both") and "--resplit" in warning
-    prepared = finetune("prepare", "gpds", root, "--resplit", "--test-ratio", "0.3", "--val-ratio", "0.2")
-    assert prepared.returncode == 0 and prepared.stdout.count("  OK") == 3, prepared.stdout + prepared.stderr
+    with contextlib.redirect_stdout(io.StringIO()) as stdout, contextlib.redirect_stderr(io.StringIO()) as stderr:
+        code, shown = main_printing_warnings(["prepare", "gpds", str(root), "--resplit", "--test-ratio", "0.3",
+                                              "--val-ratio", "0.2"])
+    assert code == 0 and stdout.getvalue().count("  OK") == 3, stdout.getvalue() + shown + stderr.getvalue()
     out = root.parent / "gpds_run"
     trained = finetune("train", "gpds", root, "--out", out, *TINY_TRAINING, "--max-train-pairs-per-epoch", "30")
     assert trained.returncode == 0, trained.stderr[-3000:]
     return root, out, trained
 
 
-def test_gpds_prepare_train_evaluate_verify(gpds_run) -> None:
+def test_gpds_prepare_train_evaluate_verify(gpds_run, in_process) -> None:
     root, out, trained = gpds_run
     output = trained.stdout + trained.stderr
     assert "the backbone is fresh" in output and "Best model (epoch" in trained.stdout
@@ -374,39 +391,42 @@ def test_gpds_prepare_train_evaluate_verify(gpds_run) -> None:
     evaluated = finetune("evaluate", "--run", out)
     assert evaluated.returncode == 0 and "nothing to embed" in evaluated.stdout + evaluated.stderr, evaluated.stderr
     reference, query = sorted(root.glob("train/genuine/c-00*.jpg"))[:2]
-    verified = finetune("verify", reference, query, "--run", out)
+    verified = in_process("verify", reference, query, "--run", out)
     assert verified.returncode == 0, verified.stderr
     assert_decision_follows_the_threshold(verified.stdout)
 
 
-def test_bhsig_with_few_writers_prepare_train_evaluate_verify(gpds_run, tmp_path: Path) -> None:
+def test_bhsig_with_few_writers_prepare_train_evaluate_verify(gpds_run, tmp_path: Path, in_process) -> None:
     root = tmp_path / "Hindi"
     make_synthetic_dataset(root, "bhsig", n_writers=4, n_genuine=4, n_forged=3, seed=6, image_size=64, progress=False)
     # The default test writers (1-60) take all four: the error names the flag that fixes it.
-    assert_one_line_error(finetune("prepare", "bhsig", root), "--test-writers")
+    assert_one_line_error(in_process("prepare", "bhsig", root, show_warnings=True), "--test-writers")
     # Pair files without a validation split (--val-ratio 0): train names the command that adds one.
     made = subprocess.run([sys.executable, str(ROOT / "prepare_datasets.py"), "bhsig", str(root), "--test-writers", "1",
                            "--val-ratio", "0"], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
-    message = assert_one_line_error(finetune("train", "bhsig", root, "--out", tmp_path / "run", *TINY_TRAINING),
-                                    "gray_val.txt not found")
+    message = assert_one_line_error(in_process("train", "bhsig", root, "--out", tmp_path / "run", *TINY_TRAINING,
+                                               show_warnings=True), "gray_val.txt not found")
     fix = message.split("Fix: ")[1]
     assert fix == f"python finetune.py prepare bhsig {root} --val-ratio 0.1 --test-writers 1"
-    prepared = finetune(*fix.split()[2:])
+    prepared = in_process(*fix.split()[2:], show_warnings=True)
     assert prepared.returncode == 0 and prepared.stdout.count("  OK") == 3, prepared.stdout + prepared.stderr
 
     # A validation figure no epoch can beat by 90 %: the best model is the starting one, and train and verify say so.
     out = tmp_path / "run"
-    trained = finetune("train", "bhsig", root, "--out", out, *TINY_TRAINING, "--min-improvement", "0.9")
+    trained = in_process("train", "bhsig", root, "--out", out, *TINY_TRAINING, "--min-improvement", "0.9",
+                         show_warnings=True)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "Best model (epoch 0)" in trained.stdout and "did not improve on the starting model" in trained.stdout
-    verified = finetune("verify", root / "1/H-S-1-G-01.tif", root / "1/H-S-1-F-01.tif", "--run", out)
+    verified = in_process("verify", root / "1/H-S-1-G-01.tif", root / "1/H-S-1-F-01.tif", "--run", out,
+                          show_warnings=True)
     assert verified.returncode == 0 and "warning: fine-tuning did not improve" in verified.stderr, verified.stderr
 
     # The GPDS run on this BHSig folder: its pair files are read, none rewritten.
     before = {path.name: path.read_bytes() for path in root.glob("*.*")}
     _, gpds_out, _ = gpds_run
-    evaluated = finetune("evaluate", "--run", gpds_out, "--dataset", "bhsig", "--data-root", root)
+    evaluated = in_process("evaluate", "--run", gpds_out, "--dataset", "bhsig", "--data-root", root,
+                           show_warnings=True)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert {path.name: path.read_bytes() for path in root.glob("*.*")} == before
     assert json.loads((gpds_out / "bhsig_test_metrics.json").read_text())["n_genuine"] == 6
@@ -415,8 +435,9 @@ def bank_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 writers (2 of them test writers) of 5 genuine signatures and 3 forgeries; 2 random forgeries a test writer."""
     root = tmp_path_factory.mktemp("bank")
     make_synthetic_dataset(root, "cedar", n_writers=8, n_genuine=5, n_forged=3, seed=4, image_size=96, progress=False)
-    result = finetune("prepare", "cedar", root, "--val-ratio", "0.25", "--random-forgeries", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        code = finetune_cli.main(["prepare", "cedar", str(root), "--val-ratio", "0.25", "--random-forgeries", "2"])
+    assert code == 0, stdout.getvalue()[-2000:]
     kinds = Counter(pair_kind(ref, query) for ref, query, _ in read_pair_file(root / "gray_test.txt").pairs)
     assert kinds == {"genuine": 2 * 10, "skilled": 2 * 15, "random": 2 * 2}
     assert "random" not in {pair_kind(ref, query) for ref, query, _ in read_pair_file(root / "gray_train.txt").pairs}
@@ -454,8 +475,8 @@ def test_verify_three_references_json_and_explain(demo_run: Path, tmp_path: Path
     assert "at least one REF" in capsys.readouterr().err
 
 
-def test_evaluate_writer_level_and_with_references(demo_run: Path, bank_corpus: Path) -> None:
-    result = finetune("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank")
+def test_evaluate_writer_level_and_with_references(demo_run: Path, bank_corpus: Path, in_process) -> None:
+    result = in_process("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "writer level (2 writers)" in result.stdout
     writers = json.loads((demo_run / "bank_metrics.json").read_text())["writer_level"]
@@ -465,7 +486,7 @@ def test_evaluate_writer_level_and_with_references(demo_run: Path, bank_corpus: 
     assert rows[1].split(",")[0] == str(writers["per_writer"][0]["writer"]) and rows[1].endswith(",10,15,2")
     assert (demo_run / "bank_writer_eers.png").is_file()
 
-    result = finetune("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank", "--references", "3")
+    result = in_process("evaluate", "--run", demo_run, "--data-root", bank_corpus, "--name", "bank", "--references", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((demo_run / "bank_references_3_metrics.json").read_text())
     assert (saved["references"], saved["aggregate"], saved["writers_left_out"]) == (3, "mean", [])
@@ -556,10 +577,12 @@ def test_sigterm_ends_a_run_with_the_ctrl_c_message_and_status_143(demo_run: Pat
 
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), "train", "cedar", str(demo_run / "data"), "--out",
-                                str(out), *TINY_TRAINING, "--epochs", "50"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                                str(out), *TINY_TRAINING, "--epochs", "50"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (out / "epoch_0001.pt").is_file() and time.time() < deadline and process.poll() is None:
+    # Any finished epoch: on these sizes an epoch takes ~0.1 s, and epoch 1's file is pruned two epochs later.
+    while not [path for path in out.glob("epoch_*.pt") if path.stem != "epoch_0000"] and time.time() < deadline \
+            and process.poll() is None:
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)

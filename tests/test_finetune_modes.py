@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Interrupt, final_weights, interrupt_after
 
 from model_v3 import ViT_for_OSV_DSNet, init_from
 from models.fine_tune_utils import setup_head_only_finetune, train_whole_model, unfreeze_last_blocks
 from models.weights import CheckpointMismatchError
 from module.features.loaders import pair_distances
 from module.run.config import ConfigError, FinetuneConfig
-from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
 from training_utils import (
     build_model,
@@ -30,12 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
+def corpus(small_cedar_corpus: Path) -> str:
     """4 writers x (4 genuine + 3 forged): 2 training writers, 1 validation writer."""
-    root = tmp_path_factory.mktemp("cedar")
-    make_synthetic_dataset(root, "cedar", n_writers=4, n_genuine=4, n_forged=3, seed=0, image_size=96, progress=False)
-    generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
-    return str(root)
+    return str(small_cedar_corpus)
 
 
 def datasets(root: str) -> tuple[SigDataset_CEDAR_Colab, SigDataset_CEDAR_Colab]:
@@ -54,22 +51,6 @@ def config_for(ckpt_dir: Path, **changes) -> FinetuneConfig:
 def new_model(seed: int = 0) -> ViT_for_OSV_DSNet:
     seed_everything(seed)
     return ViT_for_OSV_DSNet()
-
-
-def final_weights(ckpt_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)["trained_state_dict"]
-
-
-class Interrupt(KeyboardInterrupt):
-    """Ctrl-C or a disconnect after an epoch's checkpoint is written."""
-
-
-def interrupt_after(epoch: int):
-    def callback(run, metrics) -> None:
-        if run.epoch == epoch:
-            raise Interrupt
-
-    return callback
 
 
 # --------------------------------------------------------------------------- the setting

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from helpers import assert_equal_values, flip_middle_bytes, run_config
 
 from models.weights import read_torch_file
 from module.core.io import TEMPORARY_SUFFIX
 from module.evaluation.reports import record_report, report_is_whole
 from module.run.folder import MANIFEST_SUFFIX, REPORT_FILES
-from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
-from training_utils import FinetuneConfig, build_datasets, train_and_report
+from training_utils import build_datasets, train_and_report
 
 # Written by training, not by a report: what a trial copies from the reference instead of writing it again.
 CHECKPOINT = re.compile(r"^(epoch_\d+\.pt|best\.pt)(\.sha256)?$")
@@ -37,30 +36,21 @@ class Killed(BaseException):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def corpus(cedar_corpus: Path) -> Path:
     """5 writers x (4 genuine + 4 forged): the file names give writers, so every report has its per-writer files."""
-    root = tmp_path_factory.mktemp("cedar")
-    make_synthetic_dataset(root, "cedar", n_writers=5, n_genuine=4, n_forged=4, seed=3, image_size=96, progress=False)
-    generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
-    return root
-
-
-def config_of(corpus: Path, folder: Path) -> FinetuneConfig:
-    return FinetuneConfig(data_root=str(corpus), ckpt_dir=str(folder), image_size=64, epochs=2, batch_size=16, lr=1e-2,
-                          device="cpu", keep_last=1)
+    return cedar_corpus
 
 
 @pytest.fixture(scope="module")
-def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run: what every interrupted or damaged one must end with."""
-    folder = tmp_path_factory.mktemp("reference") / "run"
-    train_and_report(config_of(corpus, folder), progress=False)
-    return folder
+def reference(reference_run: Path) -> Path:
+    """An uninterrupted run (``run_config``, shared with tests/test_run_folder.py): what every interrupted or
+    damaged one must end with."""
+    return reference_run
 
 
 @pytest.fixture(scope="module")
 def datasets(corpus: Path) -> dict[str, Any]:
-    return build_datasets(config_of(corpus, corpus))
+    return build_datasets(run_config(corpus, corpus))
 
 
 def files_of(folder: Path) -> dict[str, bytes | None]:
@@ -80,28 +70,8 @@ def assert_same_files(folder: Path, reference: Path) -> None:
     assert [name for name in expected if actual[name] != expected[name]] == []
 
 
-def assert_equal_values(actual: Any, expected: Any, where: str) -> None:
-    """Every tensor ``torch.equal``, every other value ``==``; wall times ("seconds") and the run folder's own path
-    ("ckpt_dir") aside."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), where
-        for key in set(expected) - {"seconds", "ckpt_dir"}:
-            assert_equal_values(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for index, pair in enumerate(zip(actual, expected)):
-            assert_equal_values(*pair, f"{where}[{index}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
-
-
 def flip_bits(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 8] = bytes(byte ^ 0xFF for byte in data[middle:middle + 8])
-    path.write_bytes(bytes(data))
+    flip_middle_bytes(path, 8)
 
 
 def truncate(path: Path) -> None:
@@ -155,7 +125,7 @@ def report_again(corpus: Path, folder: Path, datasets: dict[str, Any], writes: A
                  killed_at: str | None = None) -> ReportWrites:
     """The same run again (``train_and_report``), watched; killed while writing the file ``killed_at`` when given."""
     watch = writes(folder, killed_at)
-    config = config_of(corpus, folder)
+    config = run_config(corpus, folder)
     if killed_at is None:
         train_and_report(config, datasets=datasets, progress=False)
     else:

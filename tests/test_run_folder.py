@@ -5,6 +5,10 @@ The kills are real: ``finetune.py train`` in a subprocess that sends itself
 SIGKILL right after a given checkpoint is renamed into place (nothing after
 that line runs: no clean-up, no ``finally``), then the same command again. Its
 results must equal an uninterrupted run's, every tensor (``torch.equal``).
+
+A process of its own where the test is about one (a kill, a second process, a file-size limit); the other
+commands run ``finetune.main`` in this process (``train_here``), the same code without a Python start-up
+and torch import each. The uninterrupted run is the session's ``reference_run`` (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import RUN_FLAGS, assert_equal_values, flip_middle_bytes, main_printing_warnings, run_config
 
 from model_v3 import ViT_for_OSV_DSNet, load_pretrained
 from models.fine_tune_utils import setup_head_only_finetune, unfreeze_last_blocks
@@ -29,7 +34,6 @@ from module.run import lock as run_lock
 from module.run.checkpoint import read_checkpoint, trained_state_keys
 from module.run.folder import RunFolderError
 from module.run.lock import RunFolderInUse, lock_run_folder
-from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from training_utils import (
     FinetuneConfig,
     build_datasets,
@@ -42,7 +46,7 @@ from training_utils import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # keep_last=1: the newest epoch checkpoint, and the best one, which must never be pruned.
-TRAINING = ["--image-size", "64", "--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--device", "cpu", "--keep-last", "1"]
+TRAINING = RUN_FLAGS
 REPORT = ("val_metrics.json", "test_metrics.json")
 
 # Runs finetune.py's main, and SIGKILLs itself right after the file named by argv[1] is renamed into place.
@@ -64,22 +68,43 @@ KILLED_RIGHT_AFTER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def corpus(cedar_corpus: Path) -> Path:
     """5 writers x (4 genuine + 4 forged), 64 px; the validation EER improves in epoch 1 (a new best), not in 2."""
-    root = tmp_path_factory.mktemp("cedar")
-    make_synthetic_dataset(root, "cedar", n_writers=5, n_genuine=4, n_forged=4, seed=3, image_size=96, progress=False)
-    generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
-    return root
+    return cedar_corpus
 
 
 def finetune(*args: str | Path, kill_after: str | None = None, **options: Any) -> subprocess.CompletedProcess:
+    """``finetune.py`` in a process of its own, with this process's torch threads: the float sums of what it
+    writes are those of the runs made here, which its results are compared with bit for bit."""
     command = [sys.executable, str(ROOT / "finetune.py")] if kill_after is None else \
         [sys.executable, "-c", KILLED_RIGHT_AFTER, kill_after, str(ROOT)]
-    return subprocess.run([*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, **options)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run([*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=environment, **options)
 
 
 def train(corpus: Path, out: Path, *extra: str, kill_after: str | None = None, **options: Any) -> subprocess.CompletedProcess:
     return finetune("train", "cedar", corpus, "--out", out, *TRAINING, *extra, kill_after=kill_after, **options)
+
+
+@pytest.fixture
+def finetune_here(capsys: pytest.CaptureFixture) -> Any:
+    """``finetune_here(*args)``: ``finetune.main(args)`` in this process, as a ``CompletedProcess`` (exit status,
+    stdout, stderr); the warnings it gives are on its stderr first, as the command prints them (``warning: ...``)."""
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code, shown = main_printing_warnings([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, shown + captured.err)
+    return run
+
+
+@pytest.fixture
+def train_here(finetune_here: Any) -> Any:
+    """``train_here(corpus, out, *extra)``: ``train`` in this process."""
+    def run(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return finetune_here("train", "cedar", corpus, "--out", out, *TRAINING, *extra)
+    return run
 
 
 def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -93,30 +118,10 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run: what every interrupted one must end with."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    result = train(corpus, out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
-def assert_equal_values(actual: Any, expected: Any, where: str) -> None:
-    """Every tensor torch.equal, every other value ==, through dicts and lists; wall times ("seconds") and the run
-    folder's own path ("ckpt_dir") aside."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), where
-        for key in expected:
-            if key not in ("seconds", "ckpt_dir"):
-                assert_equal_values(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for index, (item, expected_item) in enumerate(zip(actual, expected)):
-            assert_equal_values(item, expected_item, f"{where}[{index}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+def reference(reference_run: Path) -> Path:
+    """An uninterrupted run (``train_and_report`` of the settings ``TRAINING`` gives ``finetune.py train``): what
+    every interrupted one must end with."""
+    return reference_run
 
 
 def assert_same_results(folder: Path, reference: Path) -> None:
@@ -129,10 +134,7 @@ def assert_same_results(folder: Path, reference: Path) -> None:
 
 
 def flip_bits(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 16] = bytes(byte ^ 0xFF for byte in data[middle:middle + 16])
-    path.write_bytes(bytes(data))
+    flip_middle_bytes(path, 16)
 
 
 # --------------------------------------------------------------------------- what a checkpoint holds
@@ -159,19 +161,21 @@ def test_unfrozen_blocks_are_in_the_checkpoint() -> None:
 
 # --------------------------------------------------------------------------- kill -9 at the commit points
 
-def test_kill_right_after_the_first_epoch_checkpoint(corpus: Path, reference: Path, tmp_path: Path) -> None:
+def test_kill_right_after_the_first_epoch_checkpoint(corpus: Path, reference: Path, tmp_path: Path,
+                                                     train_here: Any) -> None:
     out = tmp_path / "run"
     killed = train(corpus, out, kill_after="epoch_0000.pt")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (out / "epoch_0000.pt").is_file() and not (out / "best.pt").exists()  # killed before best.pt existed
 
-    again = train(corpus, out)
+    again = train_here(corpus, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout + again.stderr and "after epoch 0" in again.stdout + again.stderr
     assert_same_results(out, reference)
 
 
-def test_kill_right_after_a_new_best_epoch_checkpoint(corpus: Path, reference: Path, tmp_path: Path) -> None:
+def test_kill_right_after_a_new_best_epoch_checkpoint(corpus: Path, reference: Path, tmp_path: Path,
+                                                       train_here: Any) -> None:
     val_eer = json.loads((reference / "history.json").read_text())["val_eer"]
     assert val_eer[1] < 0.99 * val_eer[0], "epoch 1 must be a new best for this test to mean anything"
     out = tmp_path / "run"
@@ -179,7 +183,7 @@ def test_kill_right_after_a_new_best_epoch_checkpoint(corpus: Path, reference: P
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert read_checkpoint(out / "best.pt")["epoch"] == 0  # best.pt is one epoch behind when the kill comes
 
-    again = train(corpus, out)
+    again = train_here(corpus, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "best.pt made again from epoch_0001.pt" in again.stdout + again.stderr
     assert_same_results(out, reference)
@@ -188,11 +192,11 @@ def test_kill_right_after_a_new_best_epoch_checkpoint(corpus: Path, reference: P
 # --------------------------------------------------------------------------- damaged files
 
 def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_one_used(
-        corpus: Path, reference: Path, tmp_path: Path) -> None:
+        corpus: Path, reference: Path, tmp_path: Path, train_here: Any) -> None:
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     flip_bits(out / "epoch_0002.pt")
-    again = train(corpus, out)
+    again = train_here(corpus, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "warning: skipping checkpoint epoch_0002.pt" in again.stderr and "damaged" in again.stderr
     assert "after epoch 1" in again.stdout + again.stderr
@@ -200,27 +204,28 @@ def test_a_flipped_bit_in_the_newest_checkpoint_is_detected_and_the_previous_one
 
 
 def test_a_damaged_best_pt_is_refused_by_evaluate_and_verify_and_made_again_by_train(
-        corpus: Path, reference: Path, tmp_path: Path) -> None:
+        corpus: Path, reference: Path, tmp_path: Path, finetune_here: Any, train_here: Any) -> None:
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     flip_bits(out / "best.pt")
     scan = corpus / "full_org" / "original_1_1.png"
-    for result in (finetune("evaluate", "--run", out), finetune("verify", scan, scan, "--run", out)):
+    for result in (finetune_here("evaluate", "--run", out), finetune_here("verify", scan, scan, "--run", out)):
         one_line_error(result, f"{out / 'best.pt'} is damaged", "run the same command again")
-    again = train(corpus, out)
+    again = train_here(corpus, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "best.pt made again" in again.stdout + again.stderr
     assert_same_results(out, reference)
 
 
-def test_no_readable_checkpoint_stops_and_keeps_best_pt(corpus: Path, reference: Path, tmp_path: Path) -> None:
+def test_no_readable_checkpoint_stops_and_keeps_best_pt(corpus: Path, reference: Path, tmp_path: Path,
+                                                        train_here: Any) -> None:
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     for path in out.glob("epoch_*.pt"):
         flip_bits(path)
     (out / "best.pt.sha256").unlink()
     best = (out / "best.pt").read_bytes()
-    message = one_line_error(train(corpus, out), "epoch_0002.pt", "best.pt", "no checkpoint to continue from",
+    message = one_line_error(train_here(corpus, out), "epoch_0002.pt", "best.pt", "no checkpoint to continue from",
                              "--no-resume")
     assert "resume=False" not in message
     assert (out / "best.pt").read_bytes() == best and not list(out.glob("previous-*"))
@@ -293,18 +298,12 @@ class InterruptedTraining(torch.nn.Module):
         return self.loss(distance, labels)
 
 
-def python_config(corpus: Path, folder: Path, **changes: Any) -> FinetuneConfig:
-    settings = dict(data_root=str(corpus), ckpt_dir=str(folder), image_size=64, epochs=2, batch_size=16, lr=1e-2,
-                    device="cpu", keep_last=1)
-    return FinetuneConfig(**{**settings, **changes})
-
-
-def test_running_part_7_again_after_a_stop_gives_the_uninterrupted_result(corpus: Path, tmp_path: Path) -> None:
-    whole = python_config(corpus, tmp_path / "whole")
-    train_and_report(whole, model=build_model(whole), datasets=build_datasets(whole), progress=False)
-
+def test_running_part_7_again_after_a_stop_gives_the_uninterrupted_result(corpus: Path, reference: Path,
+                                                                          tmp_path: Path) -> None:
+    # The uninterrupted result is ``reference``: train_and_report of these settings, which builds the model and the
+    # datasets as PARTs 4 and 5 do.
     # The notebook: PART 4 builds the model, PART 5 the datasets, PART 7 is stopped in the middle of epoch 2.
-    config = python_config(corpus, tmp_path / "parts")
+    config = run_config(corpus, tmp_path / "parts")
     model, datasets = build_model(config), build_datasets(config)
     batches = -(-len(datasets["train"]) // config.batch_size)
     loss = model.loss_fn
@@ -318,15 +317,15 @@ def test_running_part_7_again_after_a_stop_gives_the_uninterrupted_result(corpus
     torch.rand(10)  # whatever runs in between must not matter
 
     train_and_report(config, model=model, datasets=datasets, progress=False)  # PART 7 again
-    assert_same_results(tmp_path / "parts", tmp_path / "whole")
+    assert_same_results(tmp_path / "parts", reference)
 
 
 def test_fit_reloads_the_last_checkpoint_after_an_interruption(corpus: Path, tmp_path: Path, capsys) -> None:
-    config = python_config(corpus, tmp_path / "whole")
+    config = run_config(corpus, tmp_path / "whole")
     datasets = build_datasets(config, splits=("train", "val"))
     expected = fit(prepare_run(build_model(config), config), datasets["train"], datasets["val"], progress=False)
 
-    config = python_config(corpus, tmp_path / "parts")
+    config = run_config(corpus, tmp_path / "parts")
     run = prepare_run(build_model(config), config)
     loss = run.model.loss_fn
     run.model.loss_fn = InterruptedTraining(loss, at=2)  # in epoch 1, after one optimizer step
@@ -348,7 +347,7 @@ def test_a_copied_run_folder_loads_without_its_base_weights(corpus: Path, tmp_pa
     weights = tmp_path / "pretrained.pth"
     torch.manual_seed(11)
     torch.save(ViT_for_OSV_DSNet().state_dict(), weights)
-    config = python_config(corpus, tmp_path / "run", epochs=1, warmup_epochs=0, pretrained=str(weights))
+    config = run_config(corpus, tmp_path / "run", epochs=1, warmup_epochs=0, pretrained=str(weights))
     trained = train_and_report(config, progress=False).model.state_dict()
 
     copy = tmp_path / "elsewhere"
@@ -384,20 +383,21 @@ def test_a_fresh_backbone_run_is_rebuilt_from_its_seed(reference: Path, tmp_path
 
 # --------------------------------------------------------------------------- one line for each bad input
 
-def test_bad_input_is_one_line_naming_the_file_line_or_flag(corpus: Path, reference: Path, tmp_path: Path) -> None:
+def test_bad_input_is_one_line_naming_the_file_line_or_flag(corpus: Path, reference: Path, tmp_path: Path,
+                                                            finetune_here: Any, train_here: Any) -> None:
     # --out naming a file: refused before any work.
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    one_line_error(train(corpus, a_file), f"--out {a_file} is a file, not a folder")
+    one_line_error(train_here(corpus, a_file), f"--out {a_file} is a file, not a folder")
 
     # Changed settings: the fix in the command line's words.
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    message = one_line_error(train(corpus, out, "--lr", "2e-2"), "lr: checkpoint 0.01, now 0.02", "--no-resume",
+    message = one_line_error(train_here(corpus, out, "--lr", "2e-2"), "lr: checkpoint 0.01, now 0.02", "--no-resume",
                              "another --out folder")
     assert "resume=False" not in message
     with pytest.raises(RunFolderError, match=r"lr: checkpoint 0.01, now 0.02[\s\S]*start over with resume=False"):
-        prepare_run(build_model(python_config(corpus, out)), python_config(corpus, out, lr=2e-2))
+        prepare_run(build_model(run_config(corpus, out)), run_config(corpus, out, lr=2e-2))
 
     # A pair file with a byte that is not UTF-8: the file and the line.
     latin1 = tmp_path / "latin1"
@@ -405,12 +405,12 @@ def test_bad_input_is_one_line_naming_the_file_line_or_flag(corpus: Path, refere
     lines = (latin1 / "gray_train.txt").read_bytes().split(b"\n")
     lines[2] = lines[2].replace(b"original", b"origin\xe9l", 1)
     (latin1 / "gray_train.txt").write_bytes(b"\n".join(lines))
-    one_line_error(train(latin1, tmp_path / "latin1_run"), "gray_train.txt", "line 3: byte 0xe9", "not UTF-8")
+    one_line_error(train_here(latin1, tmp_path / "latin1_run"), "gray_train.txt", "line 3: byte 0xe9", "not UTF-8")
 
     # A checkpoint that needs pickled code: the whole reason, and how to re-save it.
     pickled = tmp_path / "pickled.pt"
     torch.save(torch.nn.Linear(2, 2), pickled)
-    one_line_error(finetune("evaluate", "--run", pickled), str(pickled), "holds pickled Python objects",
+    one_line_error(finetune_here("evaluate", "--run", pickled), str(pickled), "holds pickled Python objects",
                    "(torch.nn.modules.linear.Linear)", "re-save only its weights",
                    "torch.save(torch.load(path, weights_only=False)['model_state_dict'], 'weights.pth')")
 

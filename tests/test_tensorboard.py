@@ -9,7 +9,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import training_utils
 from model_v3 import ViT_for_OSV_DSNet
 from module.evaluation.curves import TrainingCurves
-from prepare_datasets import generate_cedar_pairs, make_synthetic_dataset
 from sig_dataloader_colab import SigDataset_CEDAR_Colab
 from training_utils import FinetuneConfig, fit, prepare_run, seed_everything
 
@@ -24,11 +23,8 @@ class Interrupt(KeyboardInterrupt):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("cedar")
-    make_synthetic_dataset(root, "cedar", n_writers=4, n_genuine=4, n_forged=3, seed=0, image_size=96, progress=False)
-    generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
-    return str(root)
+def corpus(small_cedar_corpus: Path) -> str:
+    return str(small_cedar_corpus)
 
 
 def tiny_run(corpus: str, ckpt_dir: Path) -> tuple[training_utils.TrainingRun, object, object]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import Interrupt, final_weights, interrupt_after
 
 import module.features.cache
 from model_v3 import ViT_for_OSV_DSNet
@@ -50,12 +51,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
+def corpus(small_cedar_corpus: Path) -> str:
     """4 writers x (4 genuine + 3 forged): 2 training writers (36 pairs, 14 images), 1 validation writer (18 pairs)."""
-    root = tmp_path_factory.mktemp("cedar")
-    make_synthetic_dataset(root, "cedar", n_writers=4, n_genuine=4, n_forged=3, seed=0, image_size=96, progress=False)
-    generate_cedar_pairs(root, train_ratio=0.5, val_ratio=0.25)
-    return str(root)
+    return str(small_cedar_corpus)
 
 
 def datasets(root: str, augment: bool = False) -> tuple[SigDataset_CEDAR_Colab, SigDataset_CEDAR_Colab]:
@@ -76,24 +74,8 @@ def new_model(config: FinetuneConfig, seed: int = 0) -> ViT_for_OSV_DSNet:
     return ViT_for_OSV_DSNet(config)
 
 
-def final_weights(ckpt_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt_dir / f"epoch_{epoch:04d}.pt", weights_only=True)["trained_state_dict"]
-
-
 def history_without_times(history: dict) -> dict:
     return {key: values for key, values in history.items() if key != "seconds"}
-
-
-class Interrupt(KeyboardInterrupt):
-    """Stands in for Ctrl-C or a Colab disconnect after an epoch's checkpoint is written."""
-
-
-def interrupt_after(epoch: int):
-    def callback(run, metrics) -> None:
-        if run.epoch == epoch:
-            raise Interrupt
-
-    return callback
 
 
 # --------------------------------------------------------------------------- configuration
