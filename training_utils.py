@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,4 +472,8 @@ def pretrain(config: FinetuneConfig, *, writers: int = 200, part_writers: int = 
     weights = export_state_dict(run.best_checkpoint, out / PRETRAINED_FILE)
     log(f"pre-trained weights: {weights} (best validation {format_metric(config.select_metric, run.best_metric)} at "
         f"epoch {run.best_epoch}); fine-tune from them with {option('pretrained', str(weights))}")
+    if run.best_epoch == 0:
+        warnings.warn(f"pre-training never did better than its starting model on its validation writers: {weights} "
+                      f"holds the starting model; try a lower {option('lr', config.lr)} or more "
+                      f"{option('writers', writers)}", stacklevel=2)
     return weights

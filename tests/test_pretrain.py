@@ -1,6 +1,7 @@
 """Synthetic pre-training: a corpus written in parts, the whole model trained, a resumable run, a --pretrained file."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,13 @@ def test_pretrain_resumes_and_writes_a_file_train_loads_strictly(tmp_path: Path,
     load_pretrained(fresh, resumed, strict=True)
     model = build_model(FinetuneConfig(pretrained=str(resumed), device="cpu"))
     assert torch.equal(model.state_dict()["head_str.weight"], expected["head_str.weight"])
+
+
+def test_pretraining_that_never_beats_its_start_says_so(tmp_path: Path) -> None:
+    """A new best must be 100 times lower (min_improvement 0.99): out of reach, so the exported file is the
+    starting model, and a warning says so rather than leave a file that looks pre-trained."""
+    config = dataclasses.replace(config_for(tmp_path / "run"), epochs=1, min_improvement=0.99)
+    with pytest.warns(UserWarning, match="never did better than its starting model"):
+        weights = pretrain(config, progress=False, **CORPUS)
+    start = torch.load(tmp_path / "run" / "run" / "best.pt", weights_only=True)
+    assert start["epoch"] == 0 and weights.is_file()
