@@ -56,21 +56,32 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def two_process_per_pair_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``(run folder, result)`` of one uninterrupted 2-process per-pair run, which two tests compare with."""
+    out = tmp_path_factory.mktemp("two-process-per-pair") / "run"
+    return out, train(corpus, out, "--per-pair", processes=2)
+
+
 @pytest.mark.parametrize("path", [
     ["--per-pair"],
     ["--fast-head-only"],
     # The last block trains from the cut-point store, at the head's lr so that it moves as far (see the end).
     ["--fast-head-only", "--finetune", "last:1", "--lr-blocks", "4e-4"],
 ], ids=["per-pair", "fast-head-only", "fast-last-1"])
-def test_two_processes_train_as_one(corpus: Path, tmp_path: Path, path: list[str]) -> None:
+def test_two_processes_train_as_one(corpus: Path, tmp_path: Path, path: list[str],
+                                    request: pytest.FixtureRequest) -> None:
     """The per-pair path with augmentation (each pair's augmentation seeded by the pair and the epoch), the
     fast path (the embedding shared between the processes), and the fast path of ``last:1`` (the features at the
     last block's input, stored by both processes): the same weights to within float summation order, the same
     validation EER every epoch."""
     alone = train(corpus, tmp_path / "one", *path)
-    together = train(corpus, tmp_path / "two", *path, processes=2)
+    if path == ["--per-pair"]:
+        two_processes, together = request.getfixturevalue("two_process_per_pair_run")
+    else:
+        two_processes, together = tmp_path / "two", train(corpus, tmp_path / "two", *path, processes=2)
     assert "Best model" in alone.stdout and together.stdout.count("Best model") == 1  # rank 0 reports
-    for one, two in zip(epochs_of(tmp_path / "one"), epochs_of(tmp_path / "two")):
+    for one, two in zip(epochs_of(tmp_path / "one"), epochs_of(two_processes)):
         # What data parallelism must reproduce: the gradients, here through Adam's running averages of them and
         # of their squares (within float summation order). The weights themselves are not compared element by
         # element: Adam's first steps move a coordinate whose gradient is near zero by +-lr whatever the sign of
@@ -108,11 +119,11 @@ def workers_of(job: subprocess.Popen) -> dict[int, int]:
     return ranks
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_result(corpus: Path, tmp_path: Path) -> None:
+def test_a_killed_two_process_run_resumes_to_the_same_result(corpus: Path, tmp_path: Path,
+                                                             two_process_per_pair_run) -> None:
     """Rank 1 killed during epoch 2: torchrun ends the job with an error; the same command resumes after epoch 1
     and ends where an uninterrupted run ends, bit for bit."""
-    whole = tmp_path / "whole"
-    train(corpus, whole, "--per-pair", processes=2)
+    whole, _ = two_process_per_pair_run
 
     parts = tmp_path / "parts"
     job = train(corpus, parts, "--per-pair", processes=2, wait=False)
