@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_v3 import SINKHORN_EPS_EVAL, SINKHORN_EPS_TRAIN, TokenFeatures, ViT_for_OSV_DSNet
-from models import emd
+from models import sinkhorn
 from models.emd import pack_valid, pairwise_cost, sinkhorn_emd, sinkhorn_plan, unit_rows
 
 # Hundreds of small operations: a second thread waiting for a busy core costs more than it gives.
@@ -278,7 +278,7 @@ def test_float32_pairs_near_the_threshold_are_redone_in_float64(banded: tuple[to
     rows, cols = masks(9)
     float64 = distance_and_gradient(sinkhorn_emd, cost, rows, cols, SINKHORN_EPS_TRAIN)
     for dtype in banded:
-        monkeypatch.setitem(emd._DECISION_BAND, dtype, 1e9)
+        monkeypatch.setitem(sinkhorn._DECISION_BAND, dtype, 1e9)
     redone = distance_and_gradient(sinkhorn_emd, cost, rows, cols, SINKHORN_EPS_TRAIN, dtype=torch.float32)
     # float64's plan, rounded to float32 before the sum and the gradient's last steps.
     assert_distances_close(redone[0], float64[0], rtol=1e-6)
