@@ -1,5 +1,6 @@
-"""Shared test settings: a small thread count (CI has 2 cores), threads that sleep when idle, the fixture folder,
-and the corpora and uninterrupted run several files compare with (built once a session; helpers: tests/helpers.py)."""
+"""Shared test settings: a small thread count (CI has 2 cores and 2 test workers), threads that sleep when idle,
+the fixture folder, and the corpora and uninterrupted run several files compare with (built once a worker; helpers:
+tests/helpers.py)."""
 from __future__ import annotations
 
 import os
@@ -20,9 +21,22 @@ from module.core.threads import passive_threads  # noqa: E402
 passive_threads()
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# CI runs the tests in 2 pytest-xdist workers (.ci/run): the cores are shared between them, a thread each.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 DATA_DIR = Path(__file__).parent / "data"
+
+# The slowest files first (seconds in one CI run, 2 workers): a worker that draws a long file last keeps CI
+# waiting while the other has nothing left to do.
+SLOWEST_FILES = ("test_finetune_cli.py", "test_torchrun.py", "test_run_folder.py", "test_training_utils.py",
+                 "test_reports_derived.py", "test_finetune_modes.py", "test_logs.py", "test_model.py",
+                 "test_notebook.py", "test_pretrain.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")
