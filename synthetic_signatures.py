@@ -2,23 +2,27 @@
 
 Every writer gets a signature of their own: a few cursive words built from
 letter-like motifs (humps, cups, ovals, loops above and below the line, a
-capital), perhaps an initial, an underline flourish and a short bar, drawn
+capital; the pen lifts now and then between letters, some get a dot),
+perhaps an initial, an underline flourish and a short bar, drawn
 with the writer's slant, baseline tilt, size, width-to-height ratio, pen
 width and pressure rhythm. Genuine samples repeat that signature with the
 small variation of a practised hand (each point a little off, the whole a
 little bigger or more slanted). Skilled forgeries copy the same shape, but
 each writer is forged by one to three forgers with habits of their own, the
 ways real forgeries differ: a different slant, proportions off (tall letters
-too tall or too short, letters misplaced), a slower hand (tremor along the
-stroke, blunt stroke ends instead of tapered ones, flatter pressure) and
-another pen. Tests/test_synthetic.py and benchmarks/bench_data.py show that a
+too tall or too short, letters misplaced), a slower hand (a slight tremor along
+the stroke, blunt stroke ends instead of tapered ones, flatter pressure) and
+another, usually finer, pen. Tests/test_synthetic.py and benchmarks/bench_data.py show that a
 fixed pixel distance separates the two classes only partly (EER between 0 and
 50 %), so a model has something to learn.
 
-Scans look like the real ones: dark ink on slightly uneven, noisy light
-paper, canvas sizes that vary from scan to scan (CEDAR-like 250-450 x 400-700
-pixels at full size), in the real folder layouts and file names (see
-`make_synthetic_dataset`). Everything is deterministic for a seed; each
+Scans look like the real ones: grey ballpoint ink on slightly uneven, noisy
+light paper, canvas sizes that vary from scan to scan (CEDAR-like 250-450 x
+400-700 pixels at full size), in the real folder layouts and file names (see
+`make_synthetic_dataset`). The constants below are set from real CEDAR scans
+measured with `benchmarks/bench_realism.py` (paper and ink grey, stroke
+width, pen lifts, a writer's variation, how forgeries differ): the README's
+"No checkpoint?" gives the table. Everything is deterministic for a seed; each
 image has its own random stream, so a writer's scans do not depend on how
 many writers are made.
 """
@@ -61,12 +65,18 @@ MOTIFS = {
 }
 CAPITAL = [(0.0, 0.5), (0.35, 2.5), (0.8, 2.9), (0.75, 2.2), (0.25, 0.0), (0.1, 0.7), (0.9, 1.3), (1.1, 0.2)]
 
-# Variation of genuine samples (a practised hand).
+# Pen lifts: the chance that a stroke ends between two letters, and that a letter gets a dot. cedar-dev's
+# scans have a median of 5 ink blobs (benchmarks/bench_realism.py).
+PEN_LIFT_P = 0.2
+DOT_P = 0.08
+
+# Variation of genuine samples (a practised hand). Measured on cedar-dev: a writer's genuine signatures vary in
+# width and height by 11-12 % (coefficient of variation) and in slant by 5 degrees (standard deviation).
 GENUINE_POINT_JITTER = 0.05  # letter units, each keypoint
 GENUINE_STROKE_SHIFT = 0.06  # letter units, each stroke as a whole
-GENUINE_SCALE_STD = 0.04
-GENUINE_SLANT_STD = 0.035  # radians (2 degrees)
-GENUINE_TILT_STD = 0.025  # radians
+GENUINE_SCALE_STD = 0.08
+GENUINE_SLANT_STD = 0.07  # radians (4 degrees)
+GENUINE_TILT_STD = 0.035  # radians
 
 # Habits of a skilled forger, drawn once per forger.
 FORGER_SHAPE_ERROR = 0.13  # letter units, a fixed offset per keypoint
@@ -74,8 +84,10 @@ FORGER_STROKE_SHIFT = 0.12  # letter units, a fixed offset per stroke
 FORGER_HEIGHT_ERROR = 0.18  # relative error of the ascender and descender heights
 FORGER_ASPECT_ERROR = 0.08
 FORGER_SLANT_OFFSET = (0.09, 0.22)  # radians, either sign (5 to 13 degrees)
-FORGER_TREMOR_PX = (0.5, 1.5)  # amplitude at full size
-FORGER_PEN_FACTOR = (0.8, 1.5)
+# cedar-dev's forgeries are drawn with strokes 6 % thinner than their writer's and outlines no rougher
+# (bench_realism.py): the tremor of a slow hand is a fraction of a pixel at scan resolution.
+FORGER_TREMOR_PX = (0.1, 0.35)  # amplitude at full size
+FORGER_PEN_FACTOR = (0.6, 1.0)
 FORGERY_POINT_JITTER = 0.06  # letter units, each keypoint of each forgery
 
 
@@ -120,19 +132,30 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
 
-def _word(rng: np.random.Generator, x0: float, n_letters: int, capital: bool) -> tuple[np.ndarray, float]:
-    """Keypoints [K, 2] of one cursive word starting at x0, and where it ends."""
-    points = [(x0 - 0.2, 0.2 + rng.normal(0, 0.1))]
+def _word(rng: np.random.Generator, x0: float, n_letters: int, capital: bool) -> tuple[list[np.ndarray], float]:
+    """Strokes (keypoints [K, 2] each) of one cursive word starting at x0, and where it ends.
+
+    The pen lifts between letters now and then (a stroke ends, the next starts at the following letter), and a
+    letter may get a dot above it.
+    """
+    strokes, points = [], [(x0 - 0.2, 0.2 + rng.normal(0, 0.1))]
     motifs = [CAPITAL] if capital else []
     names = list(MOTIFS)
     motifs += [MOTIFS[names[i]] for i in rng.integers(0, len(names), n_letters)]
     x = x0
-    for motif in motifs:
+    for number, motif in enumerate(motifs):
+        if number > 0 and rng.random() < PEN_LIFT_P:
+            strokes.append(np.asarray(points))
+            points = []
         shape = np.asarray(motif) + rng.normal(0, 0.1, (len(motif), 2))
         shape[:, 0] *= rng.uniform(0.8, 1.3)
         points.extend(shape + (x, 0.0))
+        if rng.random() < DOT_P:
+            dot_x = x + shape[:, 0].mean()
+            strokes.append(np.array([(dot_x, 1.6), (dot_x + 0.1, 1.65)]))
         x += shape[:, 0].max() + rng.uniform(0.05, 0.25)
-    return np.asarray(points), x
+    strokes.append(np.asarray(points))
+    return strokes, x
 
 
 def writer_style(rng: np.random.Generator) -> Performance:
@@ -141,11 +164,11 @@ def writer_style(rng: np.random.Generator) -> Performance:
     x = 0.0
     if rng.random() < 0.4:  # an initial before the name
         initial, x = _word(rng, x, 0, capital=True)
-        strokes.append(initial)
+        strokes += initial
         x += 0.4
     for _ in range(rng.integers(1, 3)):
-        word, x = _word(rng, x, int(rng.integers(3, 7)), capital=rng.random() < 0.7)
-        strokes.append(word)
+        word, x = _word(rng, x, int(rng.integers(4, 9)), capital=rng.random() < 0.7)
+        strokes += word
         x += rng.uniform(0.5, 1.0)
     if rng.random() < 0.5:  # an underline flourish sweeping back under the name
         x_end = x * rng.uniform(0.7, 1.0)
@@ -162,13 +185,13 @@ def writer_style(rng: np.random.Generator) -> Performance:
         tilt=rng.normal(0.0, 0.05),
         unit_px=rng.uniform(28.0, 45.0),
         aspect=rng.uniform(0.8, 1.25),
-        pen_px=rng.uniform(2.0, 4.5),
+        pen_px=rng.uniform(1.8, 4.0),
         pressure_wave=rng.uniform(0.2, 0.5),
         pressure_period_px=rng.uniform(40.0, 120.0),
         taper=rng.uniform(0.04, 0.12),
         tremor_px=0.0,
         tremor_period_px=10.0,
-        ink=rng.uniform(10.0, 70.0),
+        ink=rng.uniform(75.0, 135.0),  # ballpoint on a scanner: cedar-dev's ink has a median grey of 138
     )
 
 
@@ -202,7 +225,7 @@ def forger_habits(style: Performance, rng: np.random.Generator) -> ForgerHabits:
         tremor_period_px=rng.uniform(6.0, 14.0),
         pen_factor=rng.uniform(*FORGER_PEN_FACTOR),
         pressure_flatness=rng.uniform(0.2, 0.6),
-        ink_offset=rng.normal(0, 15.0),
+        ink_offset=rng.normal(5.0, 12.0),  # a lighter hand: cedar-dev's forged ink is 8 grey levels lighter
     )
 
 
@@ -303,10 +326,11 @@ def render(perf: Performance, rng: np.random.Generator, scale: float = 1.0) -> n
 
     # Paper: a level, slow unevenness (noise drawn on a coarse grid and
     # smoothly enlarged, far cheaper than blurring a full-size field) and grain.
-    coarse = rng.normal(0.0, rng.uniform(2.0, 5.0), (rows // 16 + 2, cols // 16 + 2)).astype(np.float32)
+    # cedar-dev's paper: grey 238-242, standard deviation 2.5-2.8.
+    coarse = rng.normal(0.0, rng.uniform(0.5, 2.0), (rows // 16 + 2, cols // 16 + 2)).astype(np.float32)
     unevenness = np.asarray(Image.fromarray(coarse, mode="F").resize((cols, rows), Image.BICUBIC))
-    grain = rng.standard_normal((rows, cols), dtype=np.float32) * rng.uniform(2.0, 5.0)
-    scan = rng.uniform(205.0, 245.0) + unevenness + grain
+    grain = rng.standard_normal((rows, cols), dtype=np.float32) * rng.uniform(2.0, 3.2)
+    scan = rng.uniform(228.0, 248.0) + unevenness + grain
     window = scan[top:top + box_rows, left:left + box_cols]
     window -= (window - perf.ink) * coverage[: window.shape[0], : window.shape[1]]
     return np.clip(np.rint(scan), 0, 255).astype(np.uint8)

@@ -1,5 +1,5 @@
-"""module/data/scan_statistics.py measures what it says on drawn scans, and benchmarks/bench_realism.py writes its
-table."""
+"""module/data/scan_statistics.py measures what it says on drawn scans, the procedural corpus stays within what
+real CEDAR scans measure, and benchmarks/bench_realism.py writes its table."""
 import json
 import subprocess
 import sys
@@ -11,12 +11,27 @@ import pytest
 from module.data.scan_statistics import (
     SCAN_STATISTICS,
     WRITER_STATISTICS,
+    corpus_statistics,
     scan_statistics,
+    summary,
     writer_statistics,
 )
 from synthetic_signatures import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# benchmarks/bench_realism.py on cedar-dev (real CEDAR writers 1-20, 12 genuine and 12 forged scans each): the
+# median of each statistic and its interquartile range.
+REAL_CEDAR = {
+    "paper_grey": (239, 238, 242),
+    "ink_grey": (138, 127, 146),
+    "stroke_width_px": (3.18, 2.9, 3.68),
+    "components": (5, 3, 6),
+    "width_cv": (0.109, 0.0708, 0.126),
+    "slant_std_deg": (4.99, 3.62, 7.29),
+    "forged_stroke_ratio": (0.941, 0.833, 0.995),
+}
+
 
 def paper(rows: int = 200, cols: int = 400, grey: float = 240.0) -> np.ndarray:
     return np.random.default_rng(0).normal(grey, 2.0, (rows, cols)).clip(0, 255)
@@ -54,6 +69,18 @@ def test_writer_statistics_of_a_writer_without_forgeries() -> None:
     assert set(stats) == set(WRITER_STATISTICS)
     assert stats["height_cv"] == pytest.approx(0.05 / 0.55) and stats["slant_std_deg"] == pytest.approx(2)
     assert np.isnan(stats["forged_stroke_ratio"])
+
+
+def test_the_procedural_corpus_measures_like_real_cedar_scans(tmp_path: Path) -> None:
+    """Full-size scans of 4 writers: each median within the real scans' interquartile range, widened by half of it
+    on each side (4 writers are a small sample)."""
+    make_synthetic_dataset(tmp_path, "cedar", n_writers=4, n_genuine=6, n_forged=6, seed=0, progress=False)
+    corpus = corpus_statistics(tmp_path, samples=6)
+    for name, (median, q1, q3) in REAL_CEDAR.items():
+        group = "writers" if name in WRITER_STATISTICS else "genuine"
+        value = summary(corpus[group], name)[0]
+        margin = (q3 - q1) / 2
+        assert q1 - margin <= value <= q3 + margin, f"{name}: {value:.3g}, real CEDAR {median} [{q1}, {q3}]"
 
 
 def test_bench_realism_writes_its_table(tmp_path: Path) -> None:

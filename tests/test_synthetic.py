@@ -56,7 +56,8 @@ def test_scans_look_like_scans(cedar):
         shapes.add(scan.shape)
         assert max(scan.shape) <= 96
         assert np.median(scan) > 170, f"{rel}: paper should be light"
-        assert scan.min() < 110, f"{rel}: ink should be dark"
+        # Ballpoint ink as cedar-dev's scans have it: grey (median 138 at 400 px), yet far darker than the paper.
+        assert np.median(scan) - scan.min() > 80, f"{rel}: ink should be darker than the paper"
         assert scan.std() > 0
         normalize_image(scan, scan.shape)  # holds ink: no BlankScanError
     assert len(shapes) > 5, "canvas sizes should vary from scan to scan"
