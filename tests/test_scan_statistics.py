@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from module.data.preprocess import BlankScanError
 from module.data.scan_statistics import (
     SCAN_STATISTICS,
     WRITER_STATISTICS,
@@ -49,6 +50,15 @@ def test_a_drawn_bar_measures_its_grey_width_and_count() -> None:
     assert stats["stroke_width_px"] == pytest.approx(8, abs=1.5)
     assert stats["components"] == 2
     assert stats["roughness"] == pytest.approx(1, abs=0.15)
+
+
+def test_a_blank_scan_or_one_of_dust_says_so() -> None:
+    with pytest.raises(BlankScanError, match="no ink to measure"):
+        scan_statistics(np.full((100, 200), 240, dtype=np.uint8))
+    dusty = paper()
+    dusty[50:52, 50:52] = 60
+    with pytest.raises(BlankScanError, match="no ink to measure"):
+        scan_statistics(dusty.astype(np.uint8))
 
 
 @pytest.mark.parametrize("degrees", [-20, 0, 25])

@@ -15,7 +15,7 @@ from PIL import Image
 
 from module.data.datasets.cedar import scan_cedar
 from module.data.images import imread_tool
-from module.data.preprocess import BLUR_SIGMA
+from module.data.preprocess import BLUR_SIGMA, MIN_INK_CONTRAST, BlankScanError
 
 MEASURE_SIDE = 400  # pixels, the longer side every scan is measured at
 MIN_COMPONENT_PX = 15  # ink blobs smaller than this (dust, scanner specks) are not pen strokes
@@ -65,6 +65,9 @@ def scan_statistics(scan: np.ndarray) -> dict[str, float]:
 
     Returns:
         name -> value, widths in pixels at a longer side of ``MEASURE_SIDE``.
+
+    Raises:
+        BlankScanError: the scan holds no ink to measure (blank paper, only dust).
     """
     from scipy.ndimage import binary_dilation, distance_transform_edt
     from skimage.filters import gaussian, threshold_otsu
@@ -72,13 +75,20 @@ def scan_statistics(scan: np.ndarray) -> dict[str, float]:
     from skimage.morphology import skeletonize
 
     image = _resized(np.asarray(scan, dtype=np.uint8))
+    if image.max() - image.min() < MIN_INK_CONTRAST:
+        raise BlankScanError(f"the scan holds no ink to measure (grey levels {image.min()} to {image.max()})")
     blurred = gaussian(image.astype(np.float64), sigma=BLUR_SIGMA, preserve_range=True)
     ink = image <= threshold_otsu(image)
+    contrast = float(image[~ink].mean() - image[ink].mean())
+    if contrast < MIN_INK_CONTRAST:  # Otsu split the paper's noise: there is no ink class
+        raise BlankScanError(f"the scan holds no ink to measure (its two grey classes differ by {contrast:.1f})")
     near_ink = binary_dilation(blurred <= threshold_otsu(blurred), iterations=PAPER_MARGIN_PX) | ink
     labels = label(ink, connectivity=2)
     sizes = np.bincount(labels.ravel())[1:]
     keep = np.flatnonzero(sizes >= MIN_COMPONENT_PX) + 1
     ink &= np.isin(labels, keep)
+    if not keep.size:
+        raise BlankScanError(f"the scan holds no ink blob of {MIN_COMPONENT_PX} pixels or more to measure")
     paper, ink_levels = image[~near_ink].astype(np.float64), image[ink].astype(np.float64)
     skeleton = skeletonize(ink)
     width = 2.0 * float(distance_transform_edt(ink)[skeleton].mean())
