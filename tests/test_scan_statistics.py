@@ -53,11 +53,11 @@ def test_a_drawn_bar_measures_its_grey_width_and_count() -> None:
 
 
 def test_a_blank_scan_or_one_of_dust_says_so() -> None:
-    with pytest.raises(BlankScanError, match="no ink to measure"):
+    with pytest.raises(BlankScanError, match="the scan holds no ink"):
         scan_statistics(np.full((100, 200), 240, dtype=np.uint8))
     dusty = paper()
     dusty[50:52, 50:52] = 60
-    with pytest.raises(BlankScanError, match="no ink to measure"):
+    with pytest.raises(BlankScanError, match="the scan holds no ink"):
         scan_statistics(dusty.astype(np.uint8))
 
 

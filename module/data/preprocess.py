@@ -36,7 +36,7 @@ def _blank_scan(contrast: float) -> BlankScanError:
     )
 
 
-def _ink_threshold(blurred: np.ndarray) -> float:
+def ink_threshold(blurred: np.ndarray) -> float:
     """Otsu threshold of the blurred scan; raises BlankScanError when there is no ink class."""
     # The spread bounds the class-mean difference from above; checking it first
     # keeps a constant image, whose Otsu paper class is empty, away from Otsu.
@@ -91,7 +91,7 @@ def normalize_image(img: np.ndarray, canvas_size: tuple[int, int]) -> tuple[np.n
     from skimage.filters import gaussian
 
     blurred = gaussian(img.astype(np.float64), sigma=BLUR_SIGMA, mode="nearest", truncate=4.0, preserve_range=True)
-    threshold = _ink_threshold(blurred)
+    threshold = ink_threshold(blurred)
 
     rows, cols = np.nonzero(blurred <= threshold)
     r_min, c_min = rows.min(), cols.min()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from module.data.datasets.cedar import scan_cedar
 from module.data.images import imread_tool
-from module.data.preprocess import BLUR_SIGMA, MIN_INK_CONTRAST, BlankScanError
+from module.data.preprocess import BLUR_SIGMA, MIN_INK_CONTRAST, BlankScanError, ink_threshold
 
 MEASURE_SIDE = 400  # pixels, the longer side every scan is measured at
 MIN_COMPONENT_PX = 15  # ink blobs smaller than this (dust, scanner specks) are not pen strokes
@@ -67,7 +67,7 @@ def scan_statistics(scan: np.ndarray) -> dict[str, float]:
         name -> value, widths in pixels at a longer side of ``MEASURE_SIDE``.
 
     Raises:
-        BlankScanError: the scan holds no ink to measure (blank paper, only dust).
+        BlankScanError: the scan holds no ink (blank paper, only dust), as ``normalize_image`` judges it.
     """
     from scipy.ndimage import binary_dilation, distance_transform_edt
     from skimage.filters import gaussian, threshold_otsu
@@ -75,20 +75,20 @@ def scan_statistics(scan: np.ndarray) -> dict[str, float]:
     from skimage.morphology import skeletonize
 
     image = _resized(np.asarray(scan, dtype=np.uint8))
-    if image.max() - image.min() < MIN_INK_CONTRAST:
-        raise BlankScanError(f"the scan holds no ink to measure (grey levels {image.min()} to {image.max()})")
     blurred = gaussian(image.astype(np.float64), sigma=BLUR_SIGMA, preserve_range=True)
+    # The preprocessing's test for ink (BlankScanError on blank paper), and the blurred strokes' extent.
+    near_ink = binary_dilation(blurred <= ink_threshold(blurred), iterations=PAPER_MARGIN_PX)
     ink = image <= threshold_otsu(image)
     contrast = float(image[~ink].mean() - image[ink].mean())
-    if contrast < MIN_INK_CONTRAST:  # Otsu split the paper's noise: there is no ink class
+    if contrast < MIN_INK_CONTRAST:  # dust on the paper: Otsu split the paper's own noise
         raise BlankScanError(f"the scan holds no ink to measure (its two grey classes differ by {contrast:.1f})")
-    near_ink = binary_dilation(blurred <= threshold_otsu(blurred), iterations=PAPER_MARGIN_PX) | ink
+    near_ink |= ink
     labels = label(ink, connectivity=2)
     sizes = np.bincount(labels.ravel())[1:]
     keep = np.flatnonzero(sizes >= MIN_COMPONENT_PX) + 1
-    ink &= np.isin(labels, keep)
     if not keep.size:
         raise BlankScanError(f"the scan holds no ink blob of {MIN_COMPONENT_PX} pixels or more to measure")
+    ink &= np.isin(labels, keep)
     paper, ink_levels = image[~near_ink].astype(np.float64), image[ink].astype(np.float64)
     skeleton = skeletonize(ink)
     width = 2.0 * float(distance_transform_edt(ink)[skeleton].mean())
