@@ -30,7 +30,6 @@ from module.core.threads import passive_threads
 
 passive_threads()
 
-
 from module.data.scan_statistics import SCAN_STATISTICS, WRITER_STATISTICS, corpus_statistics, summary
 from synthetic_signatures import make_synthetic_dataset
 

@@ -27,8 +27,8 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 DATA_DIR = Path(__file__).parent / "data"
 
-# The slowest files first (seconds in one CI run, 2 workers): a worker that draws a long file last keeps CI
-# waiting while the other has nothing left to do.
+# The slowest files first, in the order a CI run with 2 workers measured them: a worker that draws a long file
+# last keeps CI waiting while the other has nothing left to do.
 SLOWEST_FILES = ("test_finetune_cli.py", "test_torchrun.py", "test_run_folder.py", "test_training_utils.py",
                  "test_reports_derived.py", "test_finetune_modes.py", "test_logs.py", "test_model.py",
                  "test_notebook.py", "test_pretrain.py")
