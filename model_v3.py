@@ -169,6 +169,8 @@ class ViT_for_OSV_DSNet(FrozenModulesStayInEval):  # noqa: N801 - the authors' p
             nn.init.zeros_(self.head_str.bias)
         self.loss_fn = ContrastiveLoss(margin=0.9, margin_1=0.3)
         self.pdist = nn.PairwiseDistance(p=2, keepdim=True)
+        # State-dict keys set from data rather than by the seed (models/data_init.py); checkpoints hold them.
+        self.keys_from_data: tuple[str, ...] = ()
 
     def embed(self, images: torch.Tensor) -> TokenFeatures:
         """Backbone features of ``images [B, 1, H, W]``: tokens ``[B, N, 384]`` and kept mask ``[B, N]``."""

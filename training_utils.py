@@ -24,6 +24,7 @@ code imports each name from the module that defines it).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -419,10 +420,12 @@ def train_and_report(
                    f"or train the whole model ({option('finetune', 'all')}; README: No checkpoint?)"
                    if config.finetune == "head" else f"and {option('finetune', config.finetune)} trains it from "
                    "where it starts (README: No checkpoint?)"))
-        model = model if model is not None else build_model(config)
+        given = model is not None
+        model = model if given else build_model(config, training_set=datasets["train"])
         if current_group().is_main and not (resume and report_is_whole(config.ckpt_dir, "test_before")):
-            # The starting model on the test split, rebuilt as the run starts (the model given may have trained since).
-            evaluate_and_report(build_model(config), datasets["test"], config.ckpt_dir, "test_before", config, progress)
+            # The starting model on the test split: rebuilt when one was given (it may have trained since).
+            start = build_model(config, training_set=datasets["train"]) if given else copy.deepcopy(model)
+            evaluate_and_report(start, datasets["test"], config.ckpt_dir, "test_before", config, progress)
         run = prepare_run(model, config, resume=resume)
         fit(run, datasets["train"], datasets["val"], progress=progress)
         if not run.group.is_main:  # rank 0 writes the report; the other processes are done
@@ -468,7 +471,8 @@ def pretrain(config: FinetuneConfig, *, writers: int = 200, part_writers: int = 
                                    cache_dir=config.cache_dir or None)
     log(f"synthetic pre-training: {writers} writers in {len(parts)} parts, {len(train_set):,} training pairs, "
         f"{len(val_set):,} validation pairs")
-    run = fit(prepare_run(build_model(run_config), run_config, resume=resume), train_set, val_set, progress=progress)
+    run = fit(prepare_run(build_model(run_config, training_set=train_set), run_config, resume=resume), train_set,
+              val_set, progress=progress)
     weights = export_state_dict(run.best_checkpoint, out / PRETRAINED_FILE)
     log(f"pre-trained weights: {weights} (best validation {format_metric(config.select_metric, run.best_metric)} at "
         f"epoch {run.best_epoch}); fine-tune from them with {option('pretrained', str(weights))}")

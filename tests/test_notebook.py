@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "training.ipynb"
 EPOCHS = 3
 PART_TITLES = [
-    "Setup and downloads", "Pair files", "Imports", "Model", "Data", "Resume",
+    "Setup and downloads", "Pair files", "Imports", "Data", "Model", "Resume",
     "Training", "Evaluation on the test split", "Cross-dataset evaluation", "Plots and exports",
 ]
 

@@ -394,7 +394,8 @@ def test_head_only_fine_tune_lowers_the_validation_eer(tmp_path_factory, tmp_pat
 
 
 def test_train_and_report_runs_the_pipeline_and_starting_over_loses_no_run(corpus: str, tmp_path: Path) -> None:
-    config = config_for(tmp_path / "run", epochs=2, data_root=corpus)
+    # The seed's backbone (no data_init), whose best epoch on this corpus is the start: epoch_0000.pt is kept.
+    config = config_for(tmp_path / "run", epochs=2, data_root=corpus, data_init=False)
     assert run_status(config.ckpt_dir).startswith("new run")
     result = train_and_report(config, progress=False)
     run_folder = tmp_path / "run"

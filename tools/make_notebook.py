@@ -73,6 +73,7 @@ FINETUNE: str = "head"          # what trains: "head" (head_str), "last:3" (also
                                 # with FAST_HEAD_ONLY), "all" (every parameter; FAST_HEAD_ONLY = False). README: No checkpoint?
 UNFREEZE_BLOCKS: int = 0        # N: the same as FINETUNE = "last:N" (for notebooks written before FINETUNE)
 INIT_FROM: str = ""             # start from another checkpoint's matching tensors (an ImageNet backbone), the rest fresh
+DATA_INIT: bool = True          # a fresh backbone takes its BatchNorm statistics and distance scale from training scans
 IMAGE_SIZE: int = 224           # model input side, a multiple of 32
 AMP: bool = True                # autocast for the backbone on a GPU (ignored on a CPU); the EMD runs outside it
 AMP_DTYPE: str = "float16"      # float16 (with a gradient scaler; every GPU) or bfloat16 (no scaler; A100, L4, H100)
@@ -139,15 +140,17 @@ from training_utils import (FinetuneConfig, build_datasets, build_model, evaluat
                             explain_worst_errors, print_trainable_params, run_status, setup_head_only_finetune,
                             starting_model_note, train_and_report)
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU'}")"""),
-    ("Model", """\
-# PART 4 - Model: the run's settings, the pretrained weights, and what trains (head_str; the backbone stays frozen).
-config = FinetuneConfig.from_parameters(globals(), pretrained=str(pretrained_path or ""), **setup.config_overrides())
-model = build_model(config)
-trainable = print_trainable_params(setup_head_only_finetune(model))"""),
     ("Data", """\
-# PART 5 - Data: the pair datasets (images are read lazily; a missing file or a bad line stops here).
+# PART 4 - Data: the run's settings and its pair datasets (images are read lazily; a missing file or a bad line
+# stops here).
+config = FinetuneConfig.from_parameters(globals(), pretrained=str(pretrained_path or ""), **setup.config_overrides())
 datasets = build_datasets(config)
 print("\\n".join(f"{split:5s} {dataset}" for split, dataset in datasets.items()))"""),
+    ("Model", """\
+# PART 5 - Model: the pretrained weights (a fresh backbone takes its BatchNorm statistics and distance scale from
+# training scans), and what trains (head_str; the backbone stays frozen).
+model = build_model(config, training_set=datasets["train"])
+trainable = print_trainable_params(setup_head_only_finetune(model))"""),
     ("Resume", """\
 # PART 6 - Resume: what the checkpoint folder holds. PART 7 continues from its newest valid checkpoint.
 print(run_status(config.ckpt_dir))"""),

@@ -287,8 +287,9 @@ class SigDataset_BHSig_Colab(SignaturePairDataset):  # noqa: N801
 class PairDatasets(torch.utils.data.ConcatDataset):
     """Several pair datasets read as one (the parts of a synthetic pre-training corpus): their pairs in order.
 
-    ``pair_labels`` ``[P]`` and ``image_paths()`` cover every part, as a single
-    ``SignaturePairDataset``'s do; an item is its part's item.
+    ``pair_labels`` ``[P]``, ``pairs``, ``image_paths()`` and ``load_image``
+    cover every part, as a single ``SignaturePairDataset``'s do; an item is
+    its part's item.
     """
 
     def __init__(self, parts: Sequence[SignaturePairDataset]) -> None:
@@ -299,3 +300,16 @@ class PairDatasets(torch.utils.data.ConcatDataset):
 
     def image_paths(self) -> list[str]:
         return sorted({path for part in self.datasets for path in part.image_paths()})
+
+    @property
+    def pairs(self) -> PairList:
+        """Every part's ``(reference path, query path, label)``, in order."""
+        images = self.image_paths()
+        row_of = {path: row for row, path in enumerate(images)}
+        rows = np.concatenate([np.array([row_of[path] for path in part.image_files], dtype=np.int32)[part.pair_rows]
+                               for part in self.datasets])
+        return PairList(images, rows, self.pair_labels)
+
+    def load_image(self, path: str) -> torch.Tensor:
+        """One image, without augmentation: float32 [1, S, S] (the parts share their image settings)."""
+        return self.datasets[0].load_image(path)

@@ -56,13 +56,15 @@ def epoch_checkpoint_path(directory: str | Path, epoch: int) -> Path:
 
 
 def trained_state_keys(model: nn.Module) -> list[str]:
-    """The state-dict keys a checkpoint of ``model`` holds: trainable parameters, and the buffers of their modules.
+    """The state-dict keys a checkpoint of ``model`` holds: trainable parameters, the buffers of their modules, and
+    the keys an initialisation set from data (``model.keys_from_data``, see ``models/data_init.py``).
 
     Everything else is frozen (``requires_grad`` off, its module in eval
     mode, see ``models/fine_tune_utils``) and never changes while training.
-    Head-only fine-tuning: ``head_str.weight`` and ``head_str.bias``.
+    Head-only fine-tuning: ``head_str.weight`` and ``head_str.bias`` (and a
+    fresh backbone's BatchNorm statistics and final norm, set from data).
     """
-    names: set[str] = set()
+    names: set[str] = set(getattr(model, "keys_from_data", ()))
     for module_name, module in model.named_modules():
         parameters = list(module.named_parameters(recurse=False))
         if not any(parameter.requires_grad for _, parameter in parameters):

@@ -73,6 +73,9 @@ class FinetuneConfig:
     init_from: str = _setting("", "start from any checkpoint's tensors whose names and shapes match (an ImageNet "
                                   "backbone, say; a 3-channel first convolution is adapted to 1), the rest fresh; "
                                   "what was loaded, adapted, skipped and left fresh is printed")
+    data_init: bool = _setting(True, "a fresh backbone (no pretrained, no init_from) takes its BatchNorm statistics "
+                                     "and its global distance's scale from training scans before training "
+                                     "(models/data_init.py)")
     ckpt_dir: str = _setting("checkpoints", "run folder: epoch_NNNN.pt, best.pt, metrics, plots (on Google Drive in Colab)")
     image_size: int = _setting(224, "model input side in pixels, a multiple of 32 (224 for the authors' weights)")
     num_workers: int = _setting(0, "image-loading worker processes (2 helps on a GPU machine)")
@@ -250,6 +253,11 @@ class FinetuneConfig:
             under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if under_torchrun else None)
         return torch.device(self.device)
+
+    @property
+    def inits_from_data(self) -> bool:
+        """Whether ``build_model`` initialises the model from training scans: ``data_init`` and a fresh backbone."""
+        return self.data_init and not (self.pretrained or self.init_from)
 
     @property
     def autocast(self) -> bool | str:

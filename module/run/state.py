@@ -59,7 +59,7 @@ RESUME_MUST_MATCH = (
     "dataset", "image_size", "fast_head_only", "finetune", "unfreeze_blocks", "epochs", "batch_size", "lr", "lr_blocks",
     "weight_decay", "warmup_epochs", "warmup_multiplier", "amp", "select_metric", "feature_dtype", "seed",
     "emd", "dis_type", "mar_type", "gol_dis", "temp", "max_train_pairs_per_epoch", "amp_dtype", "grad_accumulation",
-    "clip_grad_norm",
+    "clip_grad_norm", "data_init",
 )
 
 

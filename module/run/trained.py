@@ -13,9 +13,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from model_v3 import ViT_for_OSV_DSNet, init_from, load_pretrained
+from models.data_init import DataInit, data_dependent_init
 from models.errors import InputError
 from models.weights import CheckpointError, CheckpointMismatchError, recorded_checksum
 from module.core.wording import option, rerun_hint, step
@@ -28,20 +31,26 @@ from module.run.folder import BEST_WEIGHTS, RunFolderError
 from module.run.rng import seed_everything
 from module.run.state import log
 
-__all__ = ["EVALUATED_SPLITS", "build_datasets", "build_model", "load_trained_model", "read_run_checkpoint",
-           "rebuild_trained_model", "run_threshold"]
+__all__ = ["DATA_INIT_PAIRS", "EVALUATED_SPLITS", "build_datasets", "build_model", "init_from_training_pairs",
+           "load_trained_model", "read_run_checkpoint", "rebuild_trained_model", "run_threshold"]
 
+# Training pairs a fresh backbone is initialised from (models/data_init.py): at most twice as many scans.
+DATA_INIT_PAIRS = 128
 # The splits a run is reported on; the first one that has metrics gives a run's threshold.
 EVALUATED_SPLITS = ("val", "test")
 
 
-def build_model(config: FinetuneConfig, pretrained: str | Path | None = None) -> ViT_for_OSV_DSNet:
+def build_model(config: FinetuneConfig, pretrained: str | Path | None = None,
+                training_set: Any = None) -> ViT_for_OSV_DSNet:
     """``ViT_for_OSV_DSNet(config)`` seeded with ``config.seed``, with pretrained weights, on ``config``'s device.
 
     ``pretrained``: a weights file (``load_pretrained``, ``strict=True``);
     ``None`` takes ``config.pretrained``; empty means a fresh backbone, or
     ``config.init_from``'s matching tensors (``init_from``; what was loaded,
-    adapted, skipped and left fresh is logged).
+    adapted, skipped and left fresh is logged). ``training_set``: the
+    training pairs; a fresh backbone (``config.inits_from_data``) then takes its
+    BatchNorm statistics and global-distance scale from them
+    (``init_from_training_pairs``). Without it the model is as the seed made it.
     """
     seed_everything(config.seed)
     model = ViT_for_OSV_DSNet(config)
@@ -50,7 +59,25 @@ def build_model(config: FinetuneConfig, pretrained: str | Path | None = None) ->
         load_pretrained(model, source, strict=True)
     elif config.init_from:
         log(init_from(model, config.init_from).summary(config.init_from))
-    return model.to(config.resolved_device())
+    model = model.to(config.resolved_device())
+    if training_set is not None and config.inits_from_data and not source:
+        log(init_from_training_pairs(model, training_set, config.seed).summary())
+    return model
+
+
+def init_from_training_pairs(model: ViT_for_OSV_DSNet, dataset: Any, seed: int,
+                             pairs: int = DATA_INIT_PAIRS) -> DataInit:
+    """``data_dependent_init`` on ``pairs`` training pairs of ``dataset`` drawn with ``seed`` and their distinct
+    images (not augmented): the same sample on every machine and every resume."""
+    rows = np.random.default_rng(seed).choice(len(dataset), size=min(pairs, len(dataset)), replace=False)
+    chosen = [dataset.pairs[int(row)] for row in np.sort(rows)]
+    paths = sorted({path for ref, query, _ in chosen for path in (ref, query)})
+    index = {path: row for row, path in enumerate(paths)}
+    device = next(model.parameters()).device
+    images = torch.stack([dataset.load_image(path) for path in paths]).to(device)
+    ref_rows = torch.tensor([index[ref] for ref, _, _ in chosen], device=device)
+    query_rows = torch.tensor([index[query] for _, query, _ in chosen], device=device)
+    return data_dependent_init(model, images, ref_rows, query_rows)
 
 
 def build_datasets(config: FinetuneConfig, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, Any]:
