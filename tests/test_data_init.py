@@ -92,6 +92,10 @@ def test_build_model_initialises_a_fresh_backbone_alone_and_the_same_every_time(
     assert off.keys_from_data == () and torch.equal(off.model.norm.weight, seeded.model.norm.weight)
     assert not FinetuneConfig(pretrained="weights.pth").inits_from_data
     assert not FinetuneConfig(init_from="imagenet.pth").inits_from_data
+    # A checkpoint's settings from before data_init: its run started from the seed's model, and resumes as one.
+    older = {key: value for key, value in FinetuneConfig().to_dict().items() if key != "data_init"}
+    assert FinetuneConfig.from_dict(older).data_init is False
+    assert FinetuneConfig.from_dict(FinetuneConfig().to_dict()).data_init is True
 
 
 def test_a_head_only_run_keeps_its_initialisation_in_each_checkpoint_and_rebuilds_it(

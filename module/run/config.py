@@ -202,12 +202,16 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FinetuneConfig:
-        """Rebuild from ``to_dict()`` output; an unknown key is an error (a typo would be silently ignored)."""
+        """Rebuild from ``to_dict()`` output; an unknown key is an error (a typo would be silently ignored).
+
+        A setting the values lack takes its default, except ``data_init``: values without it were saved before
+        the initialisation existed, by a run that started from the seed's model (``False``).
+        """
         known = {setting.name for setting in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown FinetuneConfig settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**dict(values))
+        return cls(**{"data_init": False, **values})
 
     @classmethod
     def from_parameters(cls, namespace: Mapping[str, Any], **overrides: Any) -> FinetuneConfig:
