@@ -96,18 +96,22 @@ def row(name: str, metrics: dict, seconds: float, note: str = "") -> dict:
             "writer_eer": writer.get("eer_user_thresholds"), "seconds": round(seconds, 1), "note": note}
 
 
+def untrained_row(name: str, test_set, distances: np.ndarray, start: float) -> dict:
+    """The table row of a rung without training: ``distances`` ``[P]`` of ``test_set``'s pairs, timed from ``start``."""
+    labels = np.array([label for *_, label in test_set.pairs])
+    metrics = compute_metrics(distances, labels)
+    metrics["writer_level"] = writer_metrics_of(test_set, distances, labels)
+    return row(name, metrics, time.perf_counter() - start)
+
+
 def hog_rung(test_set, image_size: int) -> dict:
     start = time.perf_counter()
     features = {path: hog(load_signature(path, image_size)[0].numpy(), orientations=9, pixels_per_cell=(8, 8),
                           cells_per_block=(2, 2)) for path in test_set.image_paths()}
     ref = np.stack([features[a] for a, _, _ in test_set.pairs])
     query = np.stack([features[b] for _, b, _ in test_set.pairs])
-    labels = np.array([label for *_, label in test_set.pairs])
     cosine = (ref * query).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(query, axis=1) + 1e-12)
-    distances = 1 - cosine
-    metrics = compute_metrics(distances, labels)
-    metrics["writer_level"] = writer_metrics_of(test_set, distances, labels)
-    return row("hog + cosine", metrics, time.perf_counter() - start)
+    return untrained_row("hog + cosine", test_set, 1 - cosine, start)
 
 
 def ink_rung(test_set) -> dict:
@@ -115,10 +119,7 @@ def ink_rung(test_set) -> dict:
     start = time.perf_counter()
     ink = {path: scan_statistics(imread_tool(path))["ink_grey"] for path in test_set.image_paths()}
     distances = np.array([abs(ink[a] - ink[b]) for a, b, _ in test_set.pairs])
-    labels = np.array([label for *_, label in test_set.pairs])
-    metrics = compute_metrics(distances, labels)
-    metrics["writer_level"] = writer_metrics_of(test_set, distances, labels)
-    return row("ink grey difference", metrics, time.perf_counter() - start)
+    return untrained_row("ink grey difference", test_set, distances, start)
 
 
 def seconds_a_pair(config: FinetuneConfig, train_set) -> float:
